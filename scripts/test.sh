@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The test command behind `make test` and CI: static checks, then the three test tiers.
+# Starts every server the tests need (PostgreSQL, Redis, Kafka) and stops them on exit;
+# nothing started by hand is assumed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+export BILTEN_TEST_RUN_DIR="${BILTEN_TEST_RUN_DIR:-$(mktemp -d /tmp/bilten-test.XXXXXX)}"
+export BILTEN_PG_DIR="$BILTEN_TEST_RUN_DIR/pg" BILTEN_REDIS_DIR="$BILTEN_TEST_RUN_DIR/redis"
+export BILTEN_KAFKA_DIR="$BILTEN_TEST_RUN_DIR/kafka"
+
+cleanup() {
+  bash dev/kafka.sh stop >/dev/null 2>&1 || true
+  bash dev/redis.sh stop >/dev/null 2>&1 || true
+  bash dev/postgres.sh stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+echo "== static checks"
+$BIN/ruff check services schema_registry tests scripts
+$BIN/mypy
+$BIN/python scripts/proto.py check
+$BIN/python scripts/proto.py lint
+$BIN/python scripts/proto.py breaking "${BUF_AGAINST:-HEAD~1}"
+
+echo "== servers for the integration tiers"
+bash dev/postgres.sh start >/dev/null
+export BILTEN_TEST_POSTGRES_DSN="$(bash dev/postgres.sh dsn)"
+bash dev/redis.sh start >/dev/null
+eval "$(bash dev/redis.sh env)"
+bash dev/kafka.sh start >/dev/null
+eval "$(bash dev/kafka.sh env)"
+
+echo "== tests"
+set +e
+$BIN/pytest -q -n 2 --dist loadgroup -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,171 @@
+"""`bilten-analytics`: run the mesh, one service, the gateway, or a benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+from pydantic import ValidationError
+
+log = structlog.get_logger("bilten.cli")
+
+
+def _settings(args: argparse.Namespace) -> object:
+    from services.platform.settings import PlatformSettings
+
+    overrides = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    if getattr(args, "grpc_port", None) is not None:
+        overrides["grpc_port"] = args.grpc_port
+    if getattr(args, "http_port", None) is not None:
+        overrides["http_port"] = args.http_port
+    if getattr(args, "event_log", None):
+        overrides["event_log"] = args.event_log
+    try:
+        return PlatformSettings(**overrides)
+    except ValidationError as exc:
+        print(f"bilten-analytics: refusing to start, bad settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from services.mesh import SERVICE_NAMES, Mesh
+    from services.platform import gateway
+    from services.platform.settings import PlatformSettings
+    from services.platform.telemetry import configure_telemetry
+
+    settings = _settings(args)
+    assert isinstance(settings, PlatformSettings)
+    configure_telemetry("bilten-analytics", settings.metrics_port)
+    mesh = Mesh.open(settings)
+    port = await mesh.start(SERVICE_NAMES)
+    credentials = mesh.ensure_dev_credentials()
+    data_dir = Path(settings.data_dir)
+    config_path = data_dir / "envoy.yaml"
+    config_path.write_text(
+        gateway.render_envoy_config(
+            http_host="127.0.0.1",
+            http_port=settings.http_port,
+            admin_port=settings.envoy_admin_port,
+            grpc_host=settings.grpc_host,
+            grpc_port=port,
+        )
+    )
+    envoy = await gateway.start_envoy(config_path, data_dir / "envoy.log", settings.envoy_binary)
+    stop = _stop_event()
+    try:
+        await gateway.wait_until_ready(settings.envoy_admin_port)
+        print(
+            "\nBilten Analytics is up (embedded: DuckDB + SQLite)\n"
+            f"  gRPC      {settings.grpc_host}:{port}   (health, reflection on)\n"
+            f"  REST      http://127.0.0.1:{settings.http_port}   (Envoy)\n"
+            f"  metrics   http://127.0.0.1:{settings.metrics_port}/metrics\n"
+            f"  data      {data_dir.resolve()}\n"
+            f"  tenant    {credentials['tenant_id']}\n"
+            f"  write key {credentials['write_key']}\n"
+            f"  admin token and more in {data_dir / 'credentials.json'}\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        waiter = asyncio.ensure_future(stop.wait())
+        envoy_exit = asyncio.ensure_future(envoy.wait())
+        done, _ = await asyncio.wait({waiter, envoy_exit}, return_when=asyncio.FIRST_COMPLETED)
+        if envoy_exit in done:
+            print("Envoy exited; see envoy.log in the data dir", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if envoy.returncode is None:
+            envoy.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(envoy.wait(), 10)
+            if envoy.returncode is None:
+                envoy.kill()
+        await mesh.stop()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from services.mesh import Mesh
+    from services.platform.settings import PlatformSettings
+    from services.platform.telemetry import configure_telemetry
+
+    if args.service == "schema-registry":
+        from schema_registry.server import run as run_registry
+
+        run_registry()
+        return 0
+    settings = _settings(args)
+    assert isinstance(settings, PlatformSettings)
+    configure_telemetry(f"bilten-analytics-{args.service}", settings.metrics_port)
+    mesh = Mesh.open(settings)
+    port = await mesh.start((args.service,))
+    print(f"{args.service} serving gRPC on {settings.grpc_host}:{port}", flush=True)
+    stop = _stop_event()
+    try:
+        await stop.wait()
+    finally:
+        await mesh.stop()
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "ingest":
+        from services.bench.ingest_bench import main as ingest_main
+
+        return ingest_main(args.rest)
+    from services.bench.query_bench import main as query_main
+
+    return query_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ]
+    )
+    parser = argparse.ArgumentParser(prog="bilten-analytics", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="all five services + Envoy on the embedded stores")
+    serve = sub.add_parser("serve", help="one service (the cluster shape)")
+    serve.add_argument(
+        "service",
+        choices=["ingestion", "query", "aggregation", "compliance", "prediction", "schema-registry"],
+    )
+    for p in (up, serve):
+        p.add_argument("--data-dir", default=os.environ.get("BILTEN_DATA_DIR"))
+        p.add_argument("--grpc-port", type=int)
+        p.add_argument("--event-log", choices=["embedded", "kafka"])
+    up.add_argument("--http-port", type=int)
+    bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    bench.add_argument("what", choices=["ingest", "query"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
+    runner = _up if args.command == "up" else _serve
+    try:
+        return asyncio.run(runner(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

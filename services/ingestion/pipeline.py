@@ -1,0 +1,333 @@
+"""The ingestion pipeline, free of gRPC.
+
+shape violations (from the validation layer) → implied type → size → timestamps →
+business rules → enrichment → dedup → rate limit (whole call) → durable append →
+quarantine of the rejected. Every event gets an outcome; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from services.events.model import EventSource, TrackedEvent, TrackedEventType
+from services.ingestion.dedup import DedupWindow
+from services.ingestion.enrichment import Enricher
+from services.ingestion.rate_limit import TokenBucketLimiter
+from services.platform.errors import FieldViolation, rate_limited
+
+MAX_EVENT_BYTES = 32 * 1024
+MAX_PROPERTIES_BYTES = 16 * 1024
+MAX_PROPERTY_KEYS = 200
+
+
+class IngestStatus(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+class RejectionReason(enum.Enum):
+    """Mirrors `bilten.analytics.ingestion.v1.RejectionReason` (names without prefix)."""
+
+    INVALID_FIELD = "INVALID_FIELD"
+    TIMESTAMP_IN_FUTURE = "TIMESTAMP_IN_FUTURE"
+    TIMESTAMP_TOO_OLD = "TIMESTAMP_TOO_OLD"
+    TOO_LARGE = "TOO_LARGE"
+    SCHEMA_VIOLATION = "SCHEMA_VIOLATION"
+    UNKNOWN_EVENT_DEFINITION = "UNKNOWN_EVENT_DEFINITION"
+    BUSINESS_RULE = "BUSINESS_RULE"
+    CONSENT_MISSING = "CONSENT_MISSING"
+    EVENT_TYPE_MISMATCH = "EVENT_TYPE_MISMATCH"
+
+
+@dataclass(slots=True)
+class IncomingEvent:
+    """A submitted event after decoding, before any check. Empty strings mean unset."""
+
+    event_id: str
+    event_type: TrackedEventType | None  # None: unspecified
+    event_name: str
+    occurred_at: datetime | None
+    session_id: str = ""
+    user_id: str = ""
+    anonymous_id: str = ""
+    page_url: str = ""
+    page_title: str = ""
+    referrer: str = ""
+    ticketed_event_id: str = ""
+    campaign_id: str = ""
+    order_id: str = ""
+    quantity: int = 0
+    revenue: Decimal | None = None
+    currency: str = ""
+    source: EventSource = EventSource.API
+    user_agent: str = ""
+    ip_address: str = ""
+    properties_json: str = "{}"
+    property_count: int = 0
+    definition_version: int = 0
+    serialized_size: int = 0
+    # Renders the event as received (canonical proto JSON) for the quarantine; only
+    # called for rejected events, because rendering costs more than the whole pipeline.
+    render_original: Callable[[], str] = field(default=lambda: "{}")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOutcome:
+    event_id: str
+    status: IngestStatus
+    rejection_reason: RejectionReason | None = None
+    field_path: str = ""
+    message: str = ""
+    quarantined_event_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    quarantined_event_id: str
+    tenant_id: str
+    received_at: datetime
+    reason: str
+    field_path: str
+    message: str
+    event_json: str
+
+
+class EventLog(Protocol):
+    async def append(self, events: Sequence[TrackedEvent]) -> None: ...
+
+
+class QuarantineSink(Protocol):
+    async def quarantine(self, entries: Sequence[QuarantineEntry]) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineLimits:
+    dedup_window_seconds: float = 86_400
+    max_future_skew_seconds: float = 600
+    raw_retention_days: int = 7
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: RejectionReason, field_path: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field_path = field_path
+        self.message = message
+
+
+class IngestionPipeline:
+    def __init__(
+        self,
+        limits: PipelineLimits,
+        enricher: Enricher,
+        dedup: DedupWindow,
+        rate_limiter: TokenBucketLimiter,
+        event_log: EventLog,
+        quarantine: QuarantineSink,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._limits = limits
+        self._enricher = enricher
+        self._dedup = dedup
+        self._rate_limiter = rate_limiter
+        self._event_log = event_log
+        self._quarantine = quarantine
+        self._clock = clock
+
+    async def ingest(
+        self,
+        tenant_id: str,
+        rate_limit_key: str,
+        events: Sequence[IncomingEvent],
+        field_prefix: str,
+        item_violations: dict[int, list[FieldViolation]] | None = None,
+        implied_type: TrackedEventType | None = None,
+    ) -> list[IngestOutcome]:
+        """Processes a batch; returns one outcome per event, in order.
+
+        Raises `AnalyticsError` (nothing acknowledged) when the rate limit is exhausted
+        or the event log cannot take the batch.
+        """
+        now = self._clock()
+        wait = self._rate_limiter.try_take(rate_limit_key, len(events), now)
+        if wait > 0:
+            raise rate_limited(wait)
+        received_at = datetime.fromtimestamp(now, UTC)
+        violations = item_violations or {}
+        outcomes: list[IngestOutcome | None] = [None] * len(events)
+        accepted: list[TrackedEvent] = []
+        accepted_index: list[int] = []
+        reserved: list[tuple[str, str]] = []
+        rejected: list[tuple[int, _Rejected]] = []
+        for index, incoming in enumerate(events):
+            # Batches name items `events[i]`; single-event calls name the item `event`.
+            path = field_prefix if field_prefix == "event" else f"{field_prefix}[{index}]"
+            event_id = incoming.event_id or uuid.uuid4().hex
+            try:
+                if index in violations:
+                    first = violations[index][0]
+                    raise _Rejected(
+                        RejectionReason.INVALID_FIELD,
+                        first.field,
+                        "; ".join(f"{v.field}: {v.description}" for v in violations[index]),
+                    )
+                event = self._check(tenant_id, event_id, incoming, received_at, path, implied_type)
+            except _Rejected as rejection:
+                rejected.append((index, rejection))
+                outcomes[index] = IngestOutcome(event_id, IngestStatus.REJECTED)  # filled below
+                continue
+            if incoming.event_id and self._dedup.is_duplicate(tenant_id, event_id, now):
+                outcomes[index] = IngestOutcome(event_id, IngestStatus.DUPLICATE)
+                continue
+            if incoming.event_id:
+                self._dedup.reserve(tenant_id, event_id)
+                reserved.append((tenant_id, event_id))
+            accepted.append(event)
+            accepted_index.append(index)
+        if accepted:
+            try:
+                await self._event_log.append(accepted)
+            except BaseException:
+                self._dedup.release(reserved)
+                raise
+            self._dedup.confirm(reserved, now)
+            for index, event in zip(accepted_index, accepted, strict=True):
+                outcomes[index] = IngestOutcome(event.event_id, IngestStatus.ACCEPTED)
+        if rejected:
+            entries = []
+            for index, rejection in rejected:
+                quarantine_id = uuid.uuid4().hex
+                entries.append(
+                    QuarantineEntry(
+                        quarantine_id,
+                        tenant_id,
+                        received_at,
+                        rejection.reason.value,
+                        rejection.field_path,
+                        rejection.message,
+                        events[index].render_original(),
+                    )
+                )
+                previous = outcomes[index]
+                assert previous is not None
+                outcomes[index] = IngestOutcome(
+                    previous.event_id,
+                    IngestStatus.REJECTED,
+                    rejection.reason,
+                    rejection.field_path,
+                    rejection.message,
+                    quarantine_id,
+                )
+            await self._quarantine.quarantine(entries)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _check(
+        self,
+        tenant_id: str,
+        event_id: str,
+        incoming: IncomingEvent,
+        received_at: datetime,
+        path: str,
+        implied_type: TrackedEventType | None,
+    ) -> TrackedEvent:
+        event_type = incoming.event_type
+        if implied_type is not None:
+            if event_type is None:
+                event_type = implied_type
+            elif event_type != implied_type and not (
+                implied_type is TrackedEventType.TRACK and event_type is TrackedEventType.CLICK
+            ):
+                raise _Rejected(
+                    RejectionReason.EVENT_TYPE_MISMATCH,
+                    f"{path}.event_type",
+                    f"this call takes {implied_type.value} events, got {event_type.value}",
+                )
+        if event_type is None:
+            raise _Rejected(
+                RejectionReason.INVALID_FIELD, f"{path}.event_type", "event_type is required"
+            )
+        if incoming.serialized_size > MAX_EVENT_BYTES:
+            raise _Rejected(
+                RejectionReason.TOO_LARGE,
+                path,
+                f"event is {incoming.serialized_size} bytes; the limit is {MAX_EVENT_BYTES}",
+            )
+        if len(incoming.properties_json) > MAX_PROPERTIES_BYTES:
+            raise _Rejected(
+                RejectionReason.TOO_LARGE,
+                f"{path}.properties",
+                f"properties are {len(incoming.properties_json)} bytes as JSON; "
+                f"the limit is {MAX_PROPERTIES_BYTES}",
+            )
+        if incoming.property_count > MAX_PROPERTY_KEYS:
+            raise _Rejected(
+                RejectionReason.TOO_LARGE,
+                f"{path}.properties",
+                f"{incoming.property_count} properties; the limit is {MAX_PROPERTY_KEYS}",
+            )
+        occurred_at = incoming.occurred_at or received_at
+        if occurred_at - received_at > timedelta(seconds=self._limits.max_future_skew_seconds):
+            raise _Rejected(
+                RejectionReason.TIMESTAMP_IN_FUTURE,
+                f"{path}.occurred_at",
+                f"occurred_at is more than {self._limits.max_future_skew_seconds:.0f} s "
+                "ahead of the server clock",
+            )
+        if received_at - occurred_at > timedelta(days=self._limits.raw_retention_days):
+            raise _Rejected(
+                RejectionReason.TIMESTAMP_TOO_OLD,
+                f"{path}.occurred_at",
+                f"occurred_at is older than the raw retention of "
+                f"{self._limits.raw_retention_days} days",
+            )
+        revenue = incoming.revenue if incoming.revenue is not None else Decimal(0)
+        if incoming.revenue is not None:
+            if revenue < 0:
+                raise _Rejected(
+                    RejectionReason.BUSINESS_RULE,
+                    f"{path}.ticketing.revenue",
+                    "revenue must not be negative",
+                )
+            if len(incoming.currency) != 3 or not incoming.currency.isupper():
+                raise _Rejected(
+                    RejectionReason.BUSINESS_RULE,
+                    f"{path}.ticketing.revenue.currency_code",
+                    "revenue needs an ISO 4217 currency code such as EUR",
+                )
+        if event_type is TrackedEventType.CONVERSION and revenue == 0 and incoming.quantity == 0:
+            raise _Rejected(
+                RejectionReason.BUSINESS_RULE,
+                f"{path}.ticketing",
+                "a conversion needs a revenue or a ticket quantity",
+            )
+        return TrackedEvent(
+            tenant_id=tenant_id,
+            event_id=event_id,
+            event_type=event_type,
+            event_name=incoming.event_name,
+            occurred_at=occurred_at,
+            received_at=received_at,
+            source=incoming.source,
+            session_id=incoming.session_id,
+            user_id=incoming.user_id,
+            anonymous_id=incoming.anonymous_id,
+            page_url=incoming.page_url,
+            page_title=incoming.page_title,
+            referrer=incoming.referrer,
+            ticketed_event_id=incoming.ticketed_event_id,
+            campaign_id=incoming.campaign_id,
+            order_id=incoming.order_id,
+            revenue=revenue,
+            currency=incoming.currency if incoming.revenue is not None else "",
+            quantity=incoming.quantity,
+            properties_json=incoming.properties_json,
+            enrichment=self._enricher.enrich(incoming.ip_address, incoming.user_agent),
+        )

@@ -1,0 +1,191 @@
+"""Composition root: builds stores, pipeline and servicers for the services asked for.
+
+`up` asks for all five in one process; `serve <service>` for one (the cluster shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bilten.analytics.aggregation.v1 import aggregation_service_pb2_grpc as aggregation_grpc
+from bilten.analytics.compliance.v1 import compliance_service_pb2_grpc as compliance_grpc
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as ingestion_grpc
+from bilten.analytics.prediction.v1 import prediction_service_pb2_grpc as prediction_grpc
+from bilten.analytics.query.v1 import query_service_pb2_grpc as query_grpc
+from services.aggregation.servicer import AggregationServicer
+from services.compliance.servicer import ComplianceServicer
+from services.ingestion.dedup import DedupWindow
+from services.ingestion.enrichment import Enricher
+from services.ingestion.pipeline import IngestionPipeline, PipelineLimits
+from services.ingestion.quarantine import MetadataQuarantine
+from services.ingestion.rate_limit import TokenBucketLimiter
+from services.ingestion.servicer import IngestionServicer
+from services.prediction.servicer import PredictionServicer
+from services.query.servicer import QueryServicer
+from services.platform.auth import (
+    ORGANIZER_ADMIN_SCOPES,
+    WRITE_KEY_SCOPES,
+    Authenticator,
+    Scope,
+    TokenIssuer,
+    new_api_key,
+)
+from services.platform.secrets_file import Secrets, load_secrets
+from services.platform.server import Registration, start_grpc_server
+from services.platform.settings import PlatformSettings
+from services.platform.telemetry import observe_gauge
+from services.storage.event_store import DuckDBEventStore
+from services.storage.group_commit import GroupCommitter
+from services.storage.metadata_store import SQLiteMetadataStore
+
+SERVICE_NAMES = ("ingestion", "query", "aggregation", "compliance", "prediction")
+CREDENTIALS_FILE = "credentials.json"
+
+
+@dataclass
+class Mesh:
+    settings: PlatformSettings
+    secrets: Secrets
+    metadata: SQLiteMetadataStore
+    event_store: DuckDBEventStore
+    event_log: GroupCommitter
+    tokens: TokenIssuer
+    authenticator: Authenticator
+    pipeline: IngestionPipeline
+    server: grpc.aio.Server | None = None
+    port: int = 0
+    _closers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: PlatformSettings) -> Mesh:
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        secrets = load_secrets(settings)
+        metadata = SQLiteMetadataStore(data_dir / "metadata.sqlite3")
+        event_store = DuckDBEventStore(data_dir / "events.duckdb")
+        event_log = GroupCommitter(event_store, max_pending_events=settings.max_pending_events)
+        tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
+        authenticator = Authenticator(tokens, metadata, secrets.api_key_pepper)
+        dedup = DedupWindow(settings.dedup_window_seconds)
+        since = datetime.now(UTC) - timedelta(seconds=settings.dedup_window_seconds)
+        dedup.warm(list(event_store.event_ids_since(since)), time.time())
+        pipeline = IngestionPipeline(
+            PipelineLimits(
+                dedup_window_seconds=settings.dedup_window_seconds,
+                max_future_skew_seconds=settings.max_future_skew_seconds,
+                raw_retention_days=settings.raw_retention_days,
+            ),
+            Enricher(secrets.ip_hash_key),
+            dedup,
+            TokenBucketLimiter(
+                settings.rate_limit_events_per_second, settings.rate_limit_burst_events
+            ),
+            event_log,
+            MetadataQuarantine(metadata),
+        )
+        observe_gauge(
+            "bilten_dedup_window_ids", "Event ids held in the dedup window", lambda: len(dedup)
+        )
+        return cls(settings, secrets, metadata, event_store, event_log, tokens, authenticator, pipeline)
+
+    def registrations(self, services: tuple[str, ...] = SERVICE_NAMES) -> list[Registration]:
+        quarantine = MetadataQuarantine(self.metadata)
+        available = {
+            "ingestion": Registration(
+                "bilten.analytics.ingestion.v1.IngestionService",
+                IngestionServicer(self.pipeline, quarantine),
+                ingestion_grpc.add_IngestionServiceServicer_to_server,
+            ),
+            "query": Registration(
+                "bilten.analytics.query.v1.QueryService",
+                QueryServicer(self.event_store),
+                query_grpc.add_QueryServiceServicer_to_server,
+            ),
+            "aggregation": Registration(
+                "bilten.analytics.aggregation.v1.AggregationService",
+                AggregationServicer(self.event_store),
+                aggregation_grpc.add_AggregationServiceServicer_to_server,
+            ),
+            "compliance": Registration(
+                "bilten.analytics.compliance.v1.ComplianceService",
+                ComplianceServicer(),
+                compliance_grpc.add_ComplianceServiceServicer_to_server,
+            ),
+            "prediction": Registration(
+                "bilten.analytics.prediction.v1.PredictionService",
+                PredictionServicer(),
+                prediction_grpc.add_PredictionServiceServicer_to_server,
+            ),
+        }
+        return [available[name] for name in services]
+
+    async def start(self, services: tuple[str, ...] = SERVICE_NAMES) -> int:
+        self.event_log.start()
+        self.server, self.port, _ = await start_grpc_server(
+            self.registrations(services),
+            self.authenticator,
+            self.settings.grpc_host,
+            self.settings.grpc_port,
+        )
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.event_log.close()
+        self.event_store.close()
+        self.metadata.close()
+
+    def ensure_dev_credentials(self) -> dict[str, str]:
+        """First start: a dev tenant, an organizer-admin token and a write key.
+
+        Later starts reuse the tenant and write key and issue a fresh token, because
+        tokens expire and only the key's hash is stored.
+        """
+        path = Path(self.settings.data_dir) / CREDENTIALS_FILE
+        stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        tenant_id = stored.get("tenant_id") or f"tenant_{uuid.uuid4().hex[:12]}"
+        self.metadata.ensure_tenant(tenant_id, "Dev organizer")
+        write_key = stored.get("write_key", "")
+        if not write_key or self.authenticator_rejects(write_key):
+            key_id, write_key, secret_hash = new_api_key(self.secrets.api_key_pepper)
+            self.metadata.add_api_key(key_id, tenant_id, secret_hash, WRITE_KEY_SCOPES, "dev write key")
+        credentials = {
+            "tenant_id": tenant_id,
+            "admin_token": self.tokens.issue(
+                "dev-admin", tenant_id, ORGANIZER_ADMIN_SCOPES, ttl_seconds=30 * 86_400
+            ),
+            "platform_admin_token": self.tokens.issue(
+                "dev-platform-admin", "", frozenset({Scope.ADMIN}), ttl_seconds=30 * 86_400
+            ),
+            "write_key": write_key,
+            "grpc_target": f"{self.settings.grpc_host}:{self.port or self.settings.grpc_port}",
+            "rest_url": f"http://127.0.0.1:{self.settings.http_port}",
+        }
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(credentials, f, indent=2)
+        os.replace(tmp, path)
+        return credentials
+
+    def authenticator_rejects(self, credential: str) -> bool:
+        try:
+            self.authenticator.authenticate(credential)
+        except Exception:
+            return True
+        return False
+
+
+async def wait_forever(stop: asyncio.Event) -> None:
+    await stop.wait()

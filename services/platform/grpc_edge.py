@@ -1,0 +1,275 @@
+"""The edge of every gRPC server: authentication, scopes, validation, errors, telemetry.
+
+One interceptor applies the same chain to every RPC, so servicers receive requests that
+are authenticated, authorised and well-formed, and only raise `AnalyticsError`s.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry import metrics, trace
+
+from services.platform import validation
+from services.platform.access import PER_ITEM_VALIDATION, PUBLIC_METHOD_PREFIXES, REQUIRED_SCOPES
+from services.platform.auth import Authenticator, Principal
+from services.platform.errors import (
+    ERROR_DOMAIN,
+    AnalyticsError,
+    FieldViolation,
+    StatusCode,
+    invalid_request,
+    scope_missing,
+)
+
+log = structlog.get_logger(__name__)
+
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+# Per-item violations of the current batch message (see access.PER_ITEM_VALIDATION).
+current_item_violations: contextvars.ContextVar[dict[int, list[FieldViolation]]] = (
+    contextvars.ContextVar("item_violations", default={})  # noqa: B039 - never mutated
+)
+
+_tracer = trace.get_tracer("bilten.analytics.grpc")
+_meter = metrics.get_meter("bilten.analytics.grpc")
+_rpc_count = _meter.create_counter("rpc_server_requests", description="RPCs by method and code")
+_rpc_duration = _meter.create_histogram(
+    "rpc_server_duration", unit="ms", description="RPC latency by method"
+)
+
+
+def principal() -> Principal:
+    """The caller of the RPC being served."""
+    return current_principal.get()
+
+
+def _credential(metadata: dict[str, str]) -> str:
+    api_key = metadata.get("x-api-key", "")
+    if api_key:
+        return api_key
+    auth = metadata.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    return ""
+
+
+def to_rpc_status(error: AnalyticsError) -> grpc.Status:
+    details = []
+    info = error_details_pb2.ErrorInfo(
+        reason=f"ERROR_REASON_{error.reason}", domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    details.append(info)
+    if error.field_violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.field_violations[:100]
+                ]
+            )
+        )
+    if error.retry_after_seconds is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after_seconds * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.value), message=error.message, details=packed
+    )
+    return rpc_status.to_status(status)
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
+            return handler
+        metadata = {k: v for k, v in details.invocation_metadata if isinstance(v, str)}
+        edge = _Call(self._authenticator, method, metadata)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                edge.unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                edge.server_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                edge.client_stream(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            edge.bidi_stream(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class _Call:
+    """The edge chain for one call."""
+
+    def __init__(self, authenticator: Authenticator, method: str, metadata: dict[str, str]):
+        self._authenticator = authenticator
+        self._method = method
+        self._metadata = metadata
+        self._items_field = PER_ITEM_VALIDATION.get(method)
+
+    def _admit(self) -> None:
+        scope = REQUIRED_SCOPES.get(self._method)
+        caller = self._authenticator.authenticate(_credential(self._metadata))
+        if scope is None:
+            # Unknown to the access table: refuse rather than guess.
+            raise AnalyticsError(
+                StatusCode.PERMISSION_DENIED, "SCOPE_MISSING", "method is not exposed"
+            )
+        if not caller.has_scope(scope):
+            raise scope_missing(scope)
+        current_principal.set(caller)
+
+    def _validate(self, request: Message) -> None:
+        found = validation.violations(request)
+        if self._items_field is None:
+            if found:
+                raise invalid_request(found)
+            return
+        request_level, per_item = validation.split_item_violations(found, self._items_field)
+        if request_level:
+            raise invalid_request(request_level)
+        current_item_violations.set(per_item)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        if isinstance(error, AnalyticsError):
+            analytics_error = error
+        else:
+            log.exception("rpc_failed", method=self._method)
+            analytics_error = AnalyticsError(
+                StatusCode.INTERNAL, "UNSPECIFIED", "internal error; it has been logged"
+            )
+        status = to_rpc_status(analytics_error)
+        trace.get_current_span().set_attribute("rpc.grpc.status_code", status.code.name)
+        self._record(analytics_error.code.value)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _record(self, code: str, started: float | None = None) -> None:
+        attributes = {"rpc.method": self._method, "rpc.grpc.status_code": code}
+        _rpc_count.add(1, attributes)
+        if started is not None:
+            _rpc_duration.record((time.perf_counter() - started) * 1000, attributes)
+
+    def unary(self, inner: Callable[..., Awaitable[Message]]) -> Callable[..., Awaitable[Message]]:
+        async def behavior(request: Message, context: grpc.aio.ServicerContext) -> Message:
+            started = time.perf_counter()
+            with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
+                try:
+                    self._admit()
+                    self._validate(request)
+                    response = await inner(request, context)
+                except AnalyticsError as error:
+                    await self._fail(context, error)
+                    raise
+                except (grpc.aio.AbortError, AssertionError):
+                    raise
+                except Exception as error:
+                    await self._fail(context, error)
+                    raise
+                self._record("OK", started)
+                return response
+
+        return behavior
+
+    def server_stream(
+        self, inner: Callable[..., AsyncIterator[Message]]
+    ) -> Callable[..., AsyncIterator[Message]]:
+        async def behavior(
+            request: Message, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Message]:
+            with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
+                try:
+                    self._admit()
+                    self._validate(request)
+                    async for response in inner(request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await self._fail(context, error)
+                    raise
+                self._record("OK")
+
+        return behavior
+
+    def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
+        async def iterate() -> AsyncIterator[Message]:
+            async for request in requests:
+                # Runs in the consuming handler's context, so the servicer reads this
+                # message's per-item violations right after receiving it.
+                self._validate(request)
+                yield request
+
+        return iterate()
+
+    def client_stream(
+        self, inner: Callable[..., Awaitable[Message]]
+    ) -> Callable[..., Awaitable[Message]]:
+        async def behavior(requests: AsyncIterator[Message], context: Any) -> Message:
+            started = time.perf_counter()
+            with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
+                try:
+                    self._admit()
+                    response = await inner(self._validated(requests), context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await self._fail(context, error)
+                    raise
+                self._record("OK", started)
+                return response
+
+        return behavior
+
+    def bidi_stream(
+        self, inner: Callable[..., AsyncIterator[Message]]
+    ) -> Callable[..., AsyncIterator[Message]]:
+        async def behavior(requests: AsyncIterator[Message], context: Any) -> AsyncIterator[Message]:
+            with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
+                try:
+                    self._admit()
+                    async for response in inner(self._validated(requests), context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await self._fail(context, error)
+                    raise
+
+        return behavior
