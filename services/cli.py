@@ -53,19 +53,23 @@ async def _up(args: argparse.Namespace) -> int:
     assert isinstance(settings, PlatformSettings)
     configure_telemetry("bilten-analytics", settings.metrics_port)
     mesh = Mesh.open(settings)
-    port = await mesh.start(SERVICE_NAMES)
-    credentials = mesh.ensure_dev_credentials()
-    data_dir = Path(settings.data_dir)
-    config_path = data_dir / "envoy.yaml"
-    config_path.write_text(
-        gateway.render_envoy_config(
-            http_host="127.0.0.1",
-            http_port=settings.http_port,
-            admin_port=settings.envoy_admin_port,
-            grpc_host=settings.grpc_host,
-            grpc_port=port,
+    try:
+        port = await mesh.start(SERVICE_NAMES)
+        credentials = mesh.ensure_dev_credentials()
+        data_dir = Path(settings.data_dir)
+        config_path = data_dir / "envoy.yaml"
+        config_path.write_text(
+            gateway.render_envoy_config(
+                http_host="127.0.0.1",
+                http_port=settings.http_port,
+                admin_port=settings.envoy_admin_port,
+                grpc_host=settings.grpc_host,
+                grpc_port=port,
+            )
         )
-    )
+    except BaseException:
+        await mesh.stop()
+        raise
     envoy = await gateway.start_envoy(config_path, data_dir / "envoy.log", settings.envoy_binary)
     stop = _stop_event()
     try:
@@ -114,6 +118,7 @@ async def _serve(args: argparse.Namespace) -> int:
     configure_telemetry(f"bilten-analytics-{args.service}", settings.metrics_port)
     mesh = Mesh.open(settings)
     port = await mesh.start((args.service,))
+    mesh.ensure_dev_credentials()
     print(f"{args.service} serving gRPC on {settings.grpc_host}:{port}", flush=True)
     stop = _stop_event()
     try:

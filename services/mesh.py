@@ -27,7 +27,7 @@ from services.compliance.servicer import ComplianceServicer
 from services.ingestion.dedup import DedupWindow
 from services.ingestion.enrichment import Enricher
 from services.ingestion.pipeline import IngestionPipeline, PipelineLimits
-from services.ingestion.quarantine import MetadataQuarantine
+from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.ingestion.servicer import IngestionServicer
 from services.prediction.servicer import PredictionServicer
@@ -46,7 +46,7 @@ from services.platform.settings import PlatformSettings
 from services.platform.telemetry import observe_gauge
 from services.storage.event_store import DuckDBEventStore
 from services.storage.group_commit import GroupCommitter
-from services.storage.metadata_store import SQLiteMetadataStore
+from services.storage.metadata_store import ApiKeyRecord, SQLiteMetadataStore, Tenant
 
 SERVICE_NAMES = ("ingestion", "query", "aggregation", "compliance", "prediction")
 CREDENTIALS_FILE = "credentials.json"
@@ -90,7 +90,7 @@ class Mesh:
             TokenBucketLimiter(
                 settings.rate_limit_events_per_second, settings.rate_limit_burst_events
             ),
-            event_log,
+            CommittingEventLog(event_log),
             MetadataQuarantine(metadata),
         )
         observe_gauge(
@@ -130,7 +130,6 @@ class Mesh:
         return [available[name] for name in services]
 
     async def start(self, services: tuple[str, ...] = SERVICE_NAMES) -> int:
-        self.event_log.start()
         self.server, self.port, _ = await start_grpc_server(
             self.registrations(services),
             self.authenticator,
@@ -155,11 +154,14 @@ class Mesh:
         path = Path(self.settings.data_dir) / CREDENTIALS_FILE
         stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         tenant_id = stored.get("tenant_id") or f"tenant_{uuid.uuid4().hex[:12]}"
-        self.metadata.ensure_tenant(tenant_id, "Dev organizer")
+        if self.metadata.get_tenant(tenant_id) is None:
+            self.metadata.create_tenant(Tenant(tenant_id, "Dev organizer", datetime.now(UTC)))
         write_key = stored.get("write_key", "")
         if not write_key or self.authenticator_rejects(write_key):
             key_id, write_key, secret_hash = new_api_key(self.secrets.api_key_pepper)
-            self.metadata.add_api_key(key_id, tenant_id, secret_hash, WRITE_KEY_SCOPES, "dev write key")
+            self.metadata.add_api_key(
+                ApiKeyRecord(key_id, tenant_id, secret_hash, WRITE_KEY_SCOPES, datetime.now(UTC))
+            )
         credentials = {
             "tenant_id": tenant_id,
             "admin_token": self.tokens.issue(

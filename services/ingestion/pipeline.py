@@ -21,6 +21,7 @@ from services.ingestion.dedup import DedupWindow
 from services.ingestion.enrichment import Enricher
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.platform.errors import FieldViolation, rate_limited
+from services.storage.metadata_store import QuarantineEntry
 
 MAX_EVENT_BYTES = 32 * 1024
 MAX_PROPERTIES_BYTES = 16 * 1024
@@ -87,17 +88,6 @@ class IngestOutcome:
     field_path: str = ""
     message: str = ""
     quarantined_event_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineEntry:
-    quarantined_event_id: str
-    tenant_id: str
-    received_at: datetime
-    reason: str
-    field_path: str
-    message: str
-    event_json: str
 
 
 class EventLog(Protocol):

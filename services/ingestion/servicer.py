@@ -14,12 +14,8 @@ from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as pb_grpc
 from bilten.analytics.type.v1 import tracked_event_pb2
 from services.events.model import TrackedEventType
 from services.ingestion import convert
-from services.ingestion.pipeline import (
-    IngestionPipeline,
-    IngestOutcome,
-    IngestStatus,
-    QuarantineEntry,
-)
+from services.ingestion.pipeline import IngestionPipeline, IngestOutcome, IngestStatus
+from services.storage.metadata_store import QuarantineEntry
 from services.platform.errors import FieldViolation, invalid_request, not_found
 from services.platform.grpc_edge import current_item_violations, principal
 from services.platform.validation import violations

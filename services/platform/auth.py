@@ -74,13 +74,17 @@ class Principal:
         return scope in self.scopes or self.is_platform_admin
 
 
-@dataclass(frozen=True, slots=True)
-class StoredApiKey:
-    key_id: str
-    tenant_id: str
-    secret_hash: str
-    scopes: frozenset[str]
-    revoked: bool
+class StoredApiKey(Protocol):
+    """What authentication needs of a stored key (the metadata store's record)."""
+
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def secret_hash(self) -> str: ...
+    @property
+    def scopes(self) -> frozenset[str]: ...
+    @property
+    def revoked(self) -> bool: ...
 
 
 class ApiKeyLookup(Protocol):

@@ -49,7 +49,18 @@ def validate_config(config_path: Path, binary: str = "") -> None:
     )
 
 
-async def start_envoy(config_path: Path, log_path: Path, binary: str = "") -> asyncio.subprocess.Process:
+def _die_with_parent() -> None:
+    """Envoy gets SIGTERM when `up` dies, even by SIGKILL, so no orphan keeps the ports."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+async def start_envoy(
+    config_path: Path, log_path: Path, binary: str = ""
+) -> asyncio.subprocess.Process:
     log = log_path.open("ab")
     return await asyncio.create_subprocess_exec(
         envoy_binary(binary),
@@ -62,6 +73,7 @@ async def start_envoy(config_path: Path, log_path: Path, binary: str = "") -> as
         "1",
         stdout=log,
         stderr=log,
+        preexec_fn=_die_with_parent,
     )
 
 

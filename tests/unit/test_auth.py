@@ -7,29 +7,32 @@ import time
 import jwt
 import pytest
 
+from datetime import UTC, datetime
+
 from services.platform.auth import (
     Authenticator,
     Scope,
-    StoredApiKey,
     TokenIssuer,
     hash_api_key_secret,
     new_api_key,
 )
+from services.storage.metadata_store import ApiKeyRecord
 from services.platform.errors import CredentialError
 
 pytestmark = pytest.mark.unit
 
 PEPPER = "pepper-for-tests"
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 
 
 class KeyTable:
     """A real (in-memory) implementation of the ApiKeyLookup protocol."""
 
     def __init__(self) -> None:
-        self.keys: dict[str, StoredApiKey] = {}
+        self.keys: dict[str, ApiKeyRecord] = {}
         self.lookups = 0
 
-    def find_api_key(self, key_id: str) -> StoredApiKey | None:
+    def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
         self.lookups += 1
         return self.keys.get(key_id)
 
@@ -102,7 +105,7 @@ def test_api_key_is_stored_as_hash_and_verified() -> None:
     auth, _, table = _auth()
     key_id, full_key, secret_hash = new_api_key(PEPPER)
     assert full_key.split("_", 2)[2] not in secret_hash
-    table.keys[key_id] = StoredApiKey(key_id, "t9", secret_hash, frozenset({"events:write"}), False)
+    table.keys[key_id] = ApiKeyRecord(key_id, "t9", secret_hash, frozenset({"events:write"}), NOW)
     caller = auth.authenticate(full_key)
     assert (caller.tenant_id, caller.credential_kind) == ("t9", "api_key")
     # A wrong secret for the same id fails.
@@ -113,7 +116,7 @@ def test_api_key_is_stored_as_hash_and_verified() -> None:
 def test_revoked_api_key_is_refused() -> None:
     auth, _, table = _auth()
     key_id, full_key, secret_hash = new_api_key(PEPPER)
-    table.keys[key_id] = StoredApiKey(key_id, "t9", secret_hash, frozenset(), True)
+    table.keys[key_id] = ApiKeyRecord(key_id, "t9", secret_hash, frozenset(), NOW, revoked_at=NOW)
     with pytest.raises(CredentialError) as caught:
         auth.authenticate(full_key)
     assert caught.value.reason == "CREDENTIAL_REVOKED"
@@ -129,7 +132,7 @@ def test_missing_credential() -> None:
 def test_verified_api_keys_are_cached() -> None:
     auth, _, table = _auth()
     key_id, full_key, secret_hash = new_api_key(PEPPER)
-    table.keys[key_id] = StoredApiKey(key_id, "t9", secret_hash, frozenset(), False)
+    table.keys[key_id] = ApiKeyRecord(key_id, "t9", secret_hash, frozenset(), NOW)
     for _ in range(5):
         auth.authenticate(full_key)
     assert table.lookups == 1

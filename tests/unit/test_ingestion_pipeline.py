@@ -20,11 +20,11 @@ from services.ingestion.pipeline import (
     IngestionPipeline,
     IngestStatus,
     PipelineLimits,
-    QuarantineEntry,
     RejectionReason,
 )
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.platform.errors import AnalyticsError, FieldViolation, StatusCode
+from services.storage.metadata_store import QuarantineEntry
 
 pytestmark = pytest.mark.unit
 

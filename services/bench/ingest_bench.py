@@ -1,0 +1,148 @@
+"""Ingestion benchmark: real server process, real gRPC, durable group commit into DuckDB.
+
+    bilten-analytics bench ingest [--seconds 10] [--batch 500] [--concurrency 8]
+
+Starts `bilten-analytics serve ingestion` on a fresh data dir, then drives it from this
+process with grpc.aio: (1) `IngestEvents` batches, (2) single-event `Track` calls.
+Requests are serialized once up front (identity serializers), so the client spends its
+CPU on the wire, not on building protos; on a 2-core box client and server still share
+the cores, which the figures include. Events carry no client id, so nothing is deduped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
+from bilten.analytics.type.v1 import tracked_event_pb2 as te
+
+INGEST = "/bilten.analytics.ingestion.v1.IngestionService/IngestEvents"
+TRACK = "/bilten.analytics.ingestion.v1.IngestionService/Track"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _event(i: int) -> te.TrackedEvent:
+    event = te.TrackedEvent(
+        event_type=te.TRACKED_EVENT_TYPE_TRACK,
+        event_name="ticket_viewed",
+        user_id=f"user-{i % 5000}",
+        session_id=f"s-{i % 900}",
+    )
+    event.ticketing.ticketed_event_id = f"concert-{i % 50}"
+    event.client.ip_address = "81.2.69.160"
+    event.client.user_agent = "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"
+    return event
+
+
+async def _drive(
+    target: str, method: str, payload: bytes, seconds: float, concurrency: int, key: str
+) -> tuple[int, list[float]]:
+    calls = 0
+    latencies: list[float] = []
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal calls
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                await call(payload, metadata=metadata, timeout=30)
+                latencies.append(time.perf_counter() - started)
+                calls += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return calls, latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bilten-analytics bench ingest")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    data_dir = Path(tempfile.mkdtemp(prefix="bilten-bench-"))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "BILTEN_DATA_DIR": str(data_dir),
+        "BILTEN_GRPC_PORT": str(port),
+        "BILTEN_METRICS_PORT": "0",
+        "BILTEN_RATE_LIMIT_EVENTS_PER_SECOND": "10000000",
+        "BILTEN_RATE_LIMIT_BURST_EVENTS": "10000000",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "ingestion"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with grpc.insecure_channel(target) as channel:
+                    health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
+                if (data_dir / "credentials.json").exists():
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("ingestion server did not start")
+            time.sleep(0.2)
+        key = json.loads((data_dir / "credentials.json").read_text())["write_key"]
+        batch = pb.IngestEventsRequest(events=[_event(i) for i in range(args.batch)])
+        calls, latencies = asyncio.run(
+            _drive(target, INGEST, batch.SerializeToString(), args.seconds, args.concurrency, key)
+        )
+        batch_rate = calls * args.batch / args.seconds
+        single = pb.TrackRequest(event=_event(1)).SerializeToString()
+        single_calls, single_latencies = asyncio.run(
+            _drive(target, TRACK, single, args.seconds, args.concurrency * 4, key)
+        )
+        result = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "batch_size": args.batch,
+            "batch_events_per_second": round(batch_rate),
+            "batch_p50_ms": round(_pct(latencies, 0.5), 1),
+            "batch_p99_ms": round(_pct(latencies, 0.99), 1),
+            "single_rpc_per_second": round(single_calls / args.seconds),
+            "single_p50_ms": round(_pct(single_latencies, 0.5), 1),
+            "single_p99_ms": round(_pct(single_latencies, 0.99), 1),
+        }
+        print(json.dumps(result, indent=2))
+        return 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
