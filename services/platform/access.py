@@ -92,12 +92,13 @@ PUBLIC_METHOD_PREFIXES = (
 
 # Batch RPCs whose items are validated one by one: a bad item is rejected in its
 # result, the rest of the batch still goes through.
-PER_ITEM_VALIDATION: dict[str, str] = {
-    _INGESTION + "IngestEvents": "events",
-    _INGESTION + "UploadEvents": "events",
+# Values: (item field, whether it is repeated).
+PER_ITEM_VALIDATION: dict[str, tuple[str, bool]] = {
+    _INGESTION + "IngestEvents": ("events", True),
+    _INGESTION + "UploadEvents": ("events", True),
     # Single-event calls too: the bad event is quarantined before the call fails.
-    _INGESTION + "Track": "event",
-    _INGESTION + "TrackPage": "event",
-    _INGESTION + "TrackConversion": "event",
-    _INGESTION + "TrackCustom": "event",
+    _INGESTION + "Track": ("event", False),
+    _INGESTION + "TrackPage": ("event", False),
+    _INGESTION + "TrackConversion": ("event", False),
+    _INGESTION + "TrackCustom": ("event", False),
 }

@@ -142,7 +142,7 @@ class _Call:
         self._authenticator = authenticator
         self._method = method
         self._metadata = metadata
-        self._items_field = PER_ITEM_VALIDATION.get(method)
+        self._items = PER_ITEM_VALIDATION.get(method)
 
     def _admit(self) -> None:
         scope = REQUIRED_SCOPES.get(self._method)
@@ -158,11 +158,12 @@ class _Call:
 
     def _validate(self, request: Message) -> None:
         found = validation.violations(request)
-        if self._items_field is None:
+        if self._items is None:
             if found:
                 raise invalid_request(found)
             return
-        request_level, per_item = validation.split_item_violations(found, self._items_field)
+        items_field, repeated = self._items
+        request_level, per_item = validation.split_item_violations(found, items_field, repeated)
         if request_level:
             raise invalid_request(request_level)
         current_item_violations.set(per_item)

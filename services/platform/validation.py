@@ -45,15 +45,20 @@ def violations(message: Message) -> list[FieldViolation]:
 
 
 def split_item_violations(
-    found: list[FieldViolation], items_field: str
+    found: list[FieldViolation], items_field: str, repeated: bool = True
 ) -> tuple[list[FieldViolation], dict[int, list[FieldViolation]]]:
-    """Separates violations inside `items_field[i]` (per item) from the request's own."""
+    """Separates violations inside `items_field[i]` (per item) from the request's own.
+
+    For a singular item field (`event`), everything inside it belongs to item 0; for a
+    repeated one, rules on the list itself (`events`: too many items) stay request-level.
+    """
     request_level: list[FieldViolation] = []
     per_item: dict[int, list[FieldViolation]] = defaultdict(list)
     prefix = items_field + "["
     for violation in found:
         # A singular item field (`event`) is item 0.
-        if violation.field == items_field or violation.field.startswith(items_field + "."):
+        inside = violation.field == items_field or violation.field.startswith(items_field + ".")
+        if not repeated and inside:
             per_item[0].append(violation)
             continue
         if violation.field.startswith(prefix) and "]" in violation.field:
