@@ -68,8 +68,8 @@ find_java() {
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
       log "no java found: installing Debian's openjdk-17-jre-headless"
       apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        openjdk-17-jre-headless >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=120 \
+        --no-install-recommends openjdk-17-jre-headless >&2
       java="$(command -v java)" || die "java still missing after apt-get install"
     else
       die "no java: Kafka $KAFKA_VERSION needs Java 17+ (set JAVA_HOME or put java on PATH)"
@@ -89,7 +89,8 @@ find_mvn() {
   if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
     log "no Maven found: installing Debian's maven"
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends maven >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=120 \
+      --no-install-recommends maven >&2
     command -v "$MVN" >/dev/null 2>&1 || die "mvn still missing after apt-get install"
   else
     die "Kafka jars are not cached in $LIBS and Maven ($MVN) is not installed"
@@ -111,7 +112,7 @@ fetch_jars() {
   local tmp="$KAFKA_HOME.tmp.$$" t0=$SECONDS
   rm -rf "$tmp"
   mkdir -p "$tmp"
-  log "fetching org.apache.kafka:kafka_2.13:$KAFKA_VERSION and its runtime dependencies from Maven Central (cold: ~20 s)"
+  log "fetching org.apache.kafka:kafka_2.13:$KAFKA_VERSION and its runtime dependencies from Maven Central (cold: 20-60 s)"
   if ! "$MVN" -B -q -f "$TEMPLATE_DIR/pom.xml" \
         -Dkafka.version="$KAFKA_VERSION" \
         "$DEPENDENCY_PLUGIN:copy-dependencies" \
@@ -126,7 +127,7 @@ fetch_jars() {
   echo "$KAFKA_VERSION" >"$tmp/.complete"
   rm -rf "$KAFKA_HOME"
   mv "$tmp" "$KAFKA_HOME"
-  log "fetched $(ls "$LIBS" | wc -l) jars ($(du -sh "$LIBS" | cut -f1)) into $LIBS in $((SECONDS - t0)) s"
+  log "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$LIBS" | cut -f1)) into $LIBS in $((SECONDS - t0)) s"
   exec 8>&-
 }
 
@@ -148,13 +149,15 @@ running_pid() {
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 log_tail() {
-  local f
-  for f in "$OUT" "$LOGS/server.log"; do
-    if [[ -s "$f" ]]; then
-      printf -- '----- last 40 lines of %s -----\n' "$f" >&2
-      tail -n 40 "$f" >&2
-    fi
-  done
+  if [[ -s "$OUT" ]]; then
+    printf -- '----- last 20 lines of %s -----\n' "$OUT" >&2
+    tail -n 20 "$OUT" >&2
+  fi
+  if [[ -s "$LOGS/server.log" ]]; then
+    # without the multi-line config dumps (lines starting with a tab)
+    printf -- '----- last 40 log lines of %s (config dumps left out) -----\n' "$LOGS/server.log" >&2
+    grep -v $'^\t' "$LOGS/server.log" | tail -n 40 >&2
+  fi
 }
 
 find_python() {
@@ -229,13 +232,14 @@ format_storage() {
   if [[ -s "$KDIR/cluster.id" ]]; then
     cluster_id="$(cat "$KDIR/cluster.id")"
   else
-    cluster_id="$("$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)"
+    cluster_id="$("$JAVA" -Dlog4j2.configurationFile="$TEMPLATE_DIR/log4j2-tools.xml" \
+      -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)"
     [[ "$cluster_id" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "could not generate a cluster id ($cluster_id)"
     echo "$cluster_id" >"$KDIR/cluster.id"
   fi
   log "formatting $DATA (cluster id $cluster_id)"
   mkdir -p "$DATA"
-  "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$TEMPLATE_DIR/log4j2.xml" -Dkafka.logs.dir="$LOGS" \
+  "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$TEMPLATE_DIR/log4j2-tools.xml" \
     -cp "$LIBS/*" kafka.tools.StorageTool format --config "$PROPS" --cluster-id "$cluster_id" \
     --ignore-formatted >>"$LOGS/format.log" 2>&1 \
     || { tail -n 30 "$LOGS/format.log" >&2; die "kafka-storage format failed"; }
@@ -270,13 +274,16 @@ cmd_start() {
   format_storage
   log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller $HOST:$CONTROLLER_PORT, heap $HEAP, data $KDIR)"
   : >"$OUT"
+  # Keep the previous run's log apart, so a failure's log tail is this run's.
+  if [[ -s "$LOGS/server.log" ]]; then mv -f "$LOGS/server.log" "$LOGS/server.log.previous-run"; fi
   # setsid: the broker outlives this shell and its process group.
   jvm_args
+  # shellcheck disable=SC2016  # $$ and $@ expand in the child shell
   setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$PIDFILE" \
     "$JAVA" "${JVM_ARGS[@]}" -cp "$LIBS/*" kafka.Kafka "$PROPS" \
     </dev/null >>"$OUT" 2>&1 8>&- 9>&- &
-  local i
-  for i in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
+  local _
+  for _ in $(seq 50); do [[ -s "$PIDFILE" ]] && break; sleep 0.1; done
   pid="$(cat "$PIDFILE" 2>/dev/null || true)"
   [[ -n "$pid" ]] || die "could not start java (see $OUT)"
   wait_ready "$pid"

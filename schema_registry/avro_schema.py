@@ -254,7 +254,9 @@ class _Parser:
         for index, item in enumerate(node):
             branch = self._parse(item, namespace, f"{path}/{index}")
             if isinstance(branch, Union):
-                raise SchemaParseError(f"{path}/{index}: a union may not immediately contain a union")
+                raise SchemaParseError(
+                    f"{path}/{index}: a union may not immediately contain a union"
+                )
             key = branch.fullname if isinstance(branch, Record | Enum | Fixed) else branch.type
             if key in seen:
                 raise SchemaParseError(f"{path}: duplicate union branch '{key}'")
@@ -325,7 +327,7 @@ class _Parser:
             fld = Field(
                 name=fname,
                 type=ftype,
-                default=fnode["default"] if "default" in fnode else NO_DEFAULT,
+                default=fnode.get("default", NO_DEFAULT),
                 aliases=tuple(aliases),
                 order=order,
                 position=index,
@@ -407,7 +409,8 @@ def _default_problem(schema: AvroType, value: Any, active: set[int]) -> str | No
             return "an empty union has no valid default"
         problem = _default_problem(schema.branches[0], value, active)
         if problem is not None:
-            return f"a union default must match the first branch ({describe(schema.branches[0])}): {problem}"
+            first = describe(schema.branches[0])
+            return f"a union default must match the first branch ({first}): {problem}"
         return None
     if isinstance(schema, Enum):
         if not isinstance(value, str) or value not in schema.symbols:
@@ -455,9 +458,15 @@ def _primitive_default_problem(type_name: str, value: Any) -> str | None:
     elif type_name == "boolean":
         ok = isinstance(value, bool)
     elif type_name == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and _INT_MIN <= value <= _INT_MAX
+        ok = (
+            isinstance(value, int) and not isinstance(value, bool) and _INT_MIN <= value <= _INT_MAX
+        )
     elif type_name == "long":
-        ok = isinstance(value, int) and not isinstance(value, bool) and _LONG_MIN <= value <= _LONG_MAX
+        ok = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _LONG_MIN <= value <= _LONG_MAX
+        )
     elif type_name in ("float", "double"):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif type_name == "bytes":

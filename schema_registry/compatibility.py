@@ -150,7 +150,9 @@ class _Checker:
             return [_type_mismatch(reader, writer, loc)]
         return _decimal_check(reader.logical, writer.logical, reader, writer, loc)
 
-    def _names(self, reader: Record | Enum | Fixed, writer: Record | Enum | Fixed, loc: str) -> list[Incompatibility]:
+    def _names(
+        self, reader: Record | Enum | Fixed, writer: Record | Enum | Fixed, loc: str
+    ) -> list[Incompatibility]:
         if reader.fullname == writer.fullname or writer.fullname in reader.aliases:
             return []
         return [
@@ -222,15 +224,21 @@ def _closest_branch(reader: Union, writer: AvroType) -> AvroType | None:
         if isinstance(writer, Record | Enum | Fixed) and isinstance(branch, type(writer)):
             if short_name(branch.fullname) == short_name(writer.fullname):
                 return branch
-        elif type(branch) is type(writer) and not isinstance(branch, Record | Enum | Fixed):
-            if not isinstance(branch, Primitive) or branch.type == writer.type:
-                return branch
+        elif (
+            type(branch) is type(writer)
+            and not isinstance(branch, Record | Enum | Fixed)
+            and (not isinstance(branch, Primitive) or branch.type == writer.type)
+        ):
+            return branch
     return None
 
 
 def _decimal_check(
     reader_logical: LogicalType | None,
-    writer_logical: LogicalType | None, reader: AvroType, writer: AvroType, loc: str
+    writer_logical: LogicalType | None,
+    reader: AvroType,
+    writer: AvroType,
+    loc: str,
 ) -> list[Incompatibility]:
     if (
         reader_logical is not None
@@ -297,12 +305,20 @@ class CompatibilityLevel(enum.StrEnum):
 
 
 _BACKWARD_LIKE = frozenset(
-    {CompatibilityLevel.BACKWARD, CompatibilityLevel.BACKWARD_TRANSITIVE,
-     CompatibilityLevel.FULL, CompatibilityLevel.FULL_TRANSITIVE}
+    {
+        CompatibilityLevel.BACKWARD,
+        CompatibilityLevel.BACKWARD_TRANSITIVE,
+        CompatibilityLevel.FULL,
+        CompatibilityLevel.FULL_TRANSITIVE,
+    }
 )
 _FORWARD_LIKE = frozenset(
-    {CompatibilityLevel.FORWARD, CompatibilityLevel.FORWARD_TRANSITIVE,
-     CompatibilityLevel.FULL, CompatibilityLevel.FULL_TRANSITIVE}
+    {
+        CompatibilityLevel.FORWARD,
+        CompatibilityLevel.FORWARD_TRANSITIVE,
+        CompatibilityLevel.FULL,
+        CompatibilityLevel.FULL_TRANSITIVE,
+    }
 )
 
 

@@ -131,9 +131,7 @@ def reference_exists(subject: str, version: int) -> RegistryError:
 
 
 def id_mismatch(schema_id: int) -> RegistryError:
-    return RegistryError(
-        42207, f"Overwrite new schema with id {schema_id} is not permitted."
-    )
+    return RegistryError(42207, f"Overwrite new schema with id {schema_id} is not permitted.")
 
 
 def invalid_subject(subject: str) -> RegistryError:
@@ -141,9 +139,7 @@ def invalid_subject(subject: str) -> RegistryError:
 
 
 def schema_too_large(size: int, limit: int) -> RegistryError:
-    return RegistryError(
-        42209, f"Schema is too large: {size} bytes, the limit is {limit} bytes"
-    )
+    return RegistryError(42209, f"Schema is too large: {size} bytes, the limit is {limit} bytes")
 
 
 def store_error(detail: str) -> RegistryError:

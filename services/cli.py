@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ log = structlog.get_logger("bilten.cli")
 def _settings(args: argparse.Namespace) -> object:
     from services.platform.settings import PlatformSettings
 
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
     if getattr(args, "grpc_port", None) is not None:
@@ -110,8 +111,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
     if args.service == "schema-registry":
         from schema_registry.server import run as run_registry
+        from schema_registry.settings import RegistrySettings
 
-        run_registry()
+        run_registry(RegistrySettings())
         return 0
     settings = _settings(args)
     assert isinstance(settings, PlatformSettings)
@@ -135,7 +137,7 @@ def _bench(args: argparse.Namespace) -> int:
         return ingest_main(args.rest)
     from services.bench.query_bench import main as query_main
 
-    return query_main(args.rest)
+    return int(query_main(args.rest))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="one service (the cluster shape)")
     serve.add_argument(
         "service",
-        choices=["ingestion", "query", "aggregation", "compliance", "prediction", "schema-registry"],
+        choices=[
+            "ingestion",
+            "query",
+            "aggregation",
+            "compliance",
+            "prediction",
+            "schema-registry",
+        ],
     )
     for p in (up, serve):
         p.add_argument("--data-dir", default=os.environ.get("BILTEN_DATA_DIR"))

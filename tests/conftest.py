@@ -5,10 +5,9 @@ from __future__ import annotations
 import socket
 from datetime import UTC, datetime, timedelta
 
+from bilten.analytics.type.v1 import tracked_event_pb2 as te
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.type import money_pb2
-
-from bilten.analytics.type.v1 import tracked_event_pb2 as te
 
 
 def free_port() -> int:

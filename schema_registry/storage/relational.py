@@ -86,7 +86,9 @@ class RelationalTransaction:
         return StoredSchema(int(row[0]), row[1], refs, row[3], row[4])
 
     def schema_id_for(self, fingerprint: str) -> int | None:
-        row = self._run("SELECT id FROM sr_schemas WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        row = self._run(
+            "SELECT id FROM sr_schemas WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
         return None if row is None else int(row[0])
 
     def add_schema(
@@ -98,7 +100,8 @@ class RelationalTransaction:
     ) -> int:
         if schema_id is None:
             row = self._run(
-                "UPDATE sr_state SET next_id = next_id + 1 WHERE singleton = 1 RETURNING next_id - 1"
+                "UPDATE sr_state SET next_id = next_id + 1"
+                " WHERE singleton = 1 RETURNING next_id - 1"
             ).fetchone()
             schema_id = int(row[0])
         else:
@@ -143,7 +146,8 @@ class RelationalTransaction:
 
     def add_version(self, subject: str, version: int, schema_id: int) -> None:
         self._run(
-            "INSERT INTO sr_versions (subject, version, schema_id, deleted) VALUES (?, ?, ?, FALSE)",
+            "INSERT INTO sr_versions (subject, version, schema_id, deleted)"
+            " VALUES (?, ?, ?, FALSE)",
             (subject, version, schema_id),
         )
 
@@ -157,7 +161,10 @@ class RelationalTransaction:
         self._run("DELETE FROM sr_versions WHERE subject = ? AND version = ?", (subject, version))
 
     def referrers(self, subject: str, version: int, *, live_only: bool) -> list[int]:
-        sql = "SELECT DISTINCT r.schema_id FROM sr_references r WHERE r.ref_subject = ? AND r.ref_version = ?"
+        sql = (
+            "SELECT DISTINCT r.schema_id FROM sr_references r"
+            " WHERE r.ref_subject = ? AND r.ref_version = ?"
+        )
         if live_only:
             sql += (
                 " AND EXISTS (SELECT 1 FROM sr_versions v"
@@ -169,7 +176,10 @@ class RelationalTransaction:
         return [int(row[0]) for row in self._run(sql, (subject, version)).fetchall()]
 
     def has_live_versions(self) -> bool:
-        return self._run("SELECT 1 FROM sr_versions WHERE deleted = FALSE LIMIT 1").fetchone() is not None
+        return (
+            self._run("SELECT 1 FROM sr_versions WHERE deleted = FALSE LIMIT 1").fetchone()
+            is not None
+        )
 
     def setting(self, kind: SettingKind, subject: str | None) -> str | None:
         row = self._run(

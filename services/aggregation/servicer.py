@@ -14,6 +14,7 @@ from typing import Any
 from bilten.analytics.aggregation.v1 import aggregation_service_pb2 as pb
 from bilten.analytics.aggregation.v1 import aggregation_service_pb2_grpc as pb_grpc
 from bilten.analytics.type.v1 import metric_pb2
+
 from services.platform.grpc_edge import principal
 from services.platform.unbuilt import answer_unbuilt
 from services.query import convert, metrics
@@ -85,7 +86,9 @@ class AggregationServicer(pb_grpc.AggregationServiceServicer):
     ) -> float:
         return metrics.overall_conversion_rate(self._store, scope, window, filters)
 
-    async def GetRevenue(self, request: pb.GetRevenueRequest, context: Any) -> pb.GetRevenueResponse:
+    async def GetRevenue(
+        self, request: pb.GetRevenueRequest, context: Any
+    ) -> pb.GetRevenueResponse:
         scope = convert.scope(principal(), request.tenant_id)
         window = convert.time_range(request.time_range)
         granularity = convert.granularity(request.granularity, window)

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
 from bilten.analytics.type.v1 import tracked_event_pb2 as te
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 INGEST = "/bilten.analytics.ingestion.v1.IngestionService/IngestEvents"
 TRACK = "/bilten.analytics.ingestion.v1.IngestionService/Track"

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
-from google.protobuf import json_format
-
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as ingestion_pb2
 from bilten.analytics.type.v1 import tracked_event_pb2
+from google.protobuf import json_format
+
 from services.events.model import EventSource, TrackedEventType
 from services.ingestion.pipeline import IncomingEvent, IngestOutcome, IngestStatus
 
@@ -38,9 +38,7 @@ def incoming_event(
 ) -> IncomingEvent:
     """Decodes one event. The peer's IP and user agent fill in what the sender left out."""
     occurred_at = (
-        datetime.fromtimestamp(
-            event.occurred_at.seconds + event.occurred_at.nanos / 1e9, UTC
-        )
+        datetime.fromtimestamp(event.occurred_at.seconds + event.occurred_at.nanos / 1e9, UTC)
         if event.HasField("occurred_at")
         else None
     )

@@ -25,7 +25,7 @@ class DedupWindow:
     def _expire(self, now: float) -> None:
         horizon = now - self.window_seconds
         while self._seen:
-            key, accepted_at = next(iter(self._seen.items()))
+            accepted_at = next(iter(self._seen.values()))
             if accepted_at >= horizon and len(self._seen) <= self.max_ids:
                 break
             if accepted_at >= horizon:

@@ -170,8 +170,8 @@ class IngestionPipeline:
                         "; ".join(f"{v.field}: {v.description}" for v in violations[index]),
                     )
                 event = self._check(tenant_id, event_id, incoming, received_at, path, implied_type)
-            except _Rejected as rejection:
-                rejected.append((index, rejection))
+            except _Rejected as caught:
+                rejected.append((index, caught))
                 outcomes[index] = IngestOutcome(event_id, IngestStatus.REJECTED)  # filled below
                 continue
             if incoming.event_id and self._dedup.is_duplicate(tenant_id, event_id, now):

@@ -7,18 +7,18 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import timestamp_pb2
-
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as pb_grpc
 from bilten.analytics.type.v1 import tracked_event_pb2
+from google.protobuf import timestamp_pb2
+
 from services.events.model import TrackedEventType
 from services.ingestion import convert
 from services.ingestion.pipeline import IngestionPipeline, IngestOutcome, IngestStatus
-from services.storage.metadata_store import QuarantineEntry
 from services.platform.errors import FieldViolation, invalid_request, not_found
 from services.platform.grpc_edge import current_item_violations, principal
 from services.platform.validation import violations
+from services.storage.metadata_store import QuarantineEntry
 
 MAX_NOT_ACCEPTED_RESULTS = 1000
 
@@ -35,7 +35,7 @@ class QuarantineReader(Protocol):
     async def delete_quarantined(self, tenant_id: str, ids: Sequence[str]) -> None: ...
 
 
-def _peer(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
     metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     forwarded = metadata.get("x-forwarded-for", "")
     if forwarded:
@@ -62,7 +62,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def _ingest_batch(
         self,
         events: Sequence[tracked_event_pb2.TrackedEvent],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         item_violations: dict[int, list[FieldViolation]],
     ) -> list[IngestOutcome]:
         ip, user_agent = _peer(context)
@@ -75,7 +75,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def _ingest_one(
         self,
         event: tracked_event_pb2.TrackedEvent,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         implied_type: TrackedEventType,
     ) -> pb.IngestResult:
         ip, user_agent = _peer(context)
@@ -91,15 +91,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
             implied_type,
         )
         if outcome.status is IngestStatus.REJECTED:
+            reason = outcome.rejection_reason.value if outcome.rejection_reason else ""
             error = invalid_request(
                 [FieldViolation(outcome.field_path, outcome.message)],
-                f"event rejected ({outcome.rejection_reason.value if outcome.rejection_reason else ''}): "
-                f"{outcome.message}",
+                f"event rejected ({reason}): {outcome.message}",
             )
             error.metadata["quarantined_event_id"] = outcome.quarantined_event_id
-            error.metadata["rejection_reason"] = (
-                outcome.rejection_reason.value if outcome.rejection_reason else ""
-            )
+            error.metadata["rejection_reason"] = reason
             raise error
         return convert.ingest_result(outcome)
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from services.events.model import TrackedEvent
 from services.platform.errors import event_log_unavailable
-from services.storage.metadata_store import MetadataStore, QuarantineEntry
 from services.storage.group_commit import EventLogClosedError, EventLogFullError, GroupCommitter
+from services.storage.metadata_store import MetadataStore, QuarantineEntry
 
 
 class CommittingEventLog:

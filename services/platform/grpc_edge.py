@@ -95,15 +95,17 @@ def to_rpc_status(error: AnalyticsError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator) -> None:
         self._authenticator = authenticator
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
@@ -118,7 +120,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                edge.server_stream(handler.unary_stream),
+                edge.server_stream(handler.unary_stream),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -129,7 +131,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            edge.bidi_stream(handler.stream_stream),
+            edge.bidi_stream(handler.stream_stream),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -168,7 +170,7 @@ class _Call:
             raise invalid_request(request_level)
         current_item_violations.set(per_item)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
         if isinstance(error, AnalyticsError):
             analytics_error = error
         else:
@@ -188,7 +190,9 @@ class _Call:
             _rpc_duration.record((time.perf_counter() - started) * 1000, attributes)
 
     def unary(self, inner: Callable[..., Awaitable[Message]]) -> Callable[..., Awaitable[Message]]:
-        async def behavior(request: Message, context: grpc.aio.ServicerContext) -> Message:
+        async def behavior(
+            request: Message, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Message:
             started = time.perf_counter()
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
@@ -212,7 +216,7 @@ class _Call:
         self, inner: Callable[..., AsyncIterator[Message]]
     ) -> Callable[..., AsyncIterator[Message]]:
         async def behavior(
-            request: Message, context: grpc.aio.ServicerContext
+            request: Message, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Message]:
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
@@ -261,7 +265,9 @@ class _Call:
     def bidi_stream(
         self, inner: Callable[..., AsyncIterator[Message]]
     ) -> Callable[..., AsyncIterator[Message]]:
-        async def behavior(requests: AsyncIterator[Message], context: Any) -> AsyncIterator[Message]:
+        async def behavior(
+            requests: AsyncIterator[Message], context: Any
+        ) -> AsyncIterator[Message]:
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
                     self._admit()

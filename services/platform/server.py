@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.platform.auth import Authenticator
@@ -28,7 +29,7 @@ class Registration:
 
 async def start_grpc_server(
     registrations: list[Registration], authenticator: Authenticator, host: str, port: int
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, int, AsyncHealthServicer]:
     """Starts serving; returns the server, the bound port and its health servicer."""
     server = grpc.aio.server(
         interceptors=[EdgeInterceptor(authenticator)],
@@ -38,12 +39,14 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for registration in registrations:
         registration.add_to_server(registration.servicer, server)
     names = [r.service_name for r in registrations]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")

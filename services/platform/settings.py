@@ -38,7 +38,9 @@ class PlatformSettings(BaseSettings):
     jwt_issuer: str = Field("bilten-analytics", description="Expected `iss` of tokens.")
     jwt_audience: str = Field("bilten-analytics", description="Expected `aud` of tokens.")
     api_key_pepper: str = Field(
-        "", description="Pepper for API key hashes; empty means <data_dir>/secrets.json.", repr=False
+        "",
+        description="Pepper for API key hashes; empty means <data_dir>/secrets.json.",
+        repr=False,
     )
     ip_hash_key: str = Field(
         "", description="Key of the IP hash; empty means <data_dir>/secrets.json.", repr=False

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from bilten.analytics.type.v1 import time_range_pb2, tracked_event_pb2
 from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
-from bilten.analytics.type.v1 import time_range_pb2, tracked_event_pb2
 from services.events.model import TrackedEventType
 from services.platform.auth import Principal
 from services.platform.errors import FieldViolation, invalid_request, tenant_mismatch
@@ -55,7 +55,7 @@ def time_range(value: time_range_pb2.TimeRange) -> metrics.TimeRange:
 
 
 def granularity(value: int, window: metrics.TimeRange) -> metrics.Granularity:
-    chosen = _GRANULARITIES[value]
+    chosen = _GRANULARITIES[time_range_pb2.Granularity.ValueType(value)]
     seconds = {
         metrics.Granularity.MINUTE: 60,
         metrics.Granularity.HOUR: 3600,
@@ -82,7 +82,7 @@ def filters(
 ) -> metrics.MetricFilters:
     return metrics.MetricFilters(
         event_name=event_name or None,
-        event_type=_EVENT_TYPES.get(event_type),
+        event_type=_EVENT_TYPES.get(tracked_event_pb2.TrackedEventType.ValueType(event_type)),
         ticketed_event_id=ticketed_event_id or None,
     )
 

@@ -42,8 +42,8 @@ never from ICU calendar functions, which are 20-50x slower on `TIMESTAMPTZ`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -161,11 +161,17 @@ class RevenueRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CurrencyAmount:
+    currency: str  # ISO 4217
+    amount: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class GeoRow:
     country_code: str  # ISO 3166-1 alpha-2, "" when unknown
     events: int
     users: int
-    revenue: Mapping[str, Decimal] = field(default_factory=dict)  # by currency
+    revenue: tuple[CurrencyAmount, ...] = ()  # one per currency, sorted by currency
 
 
 # --- buckets -------------------------------------------------------------------------
@@ -217,9 +223,7 @@ def _bucket_sql(granularity: Granularity) -> str:
     if granularity in (Granularity.MINUTE, Granularity.HOUR):
         step = _MINUTE_US if granularity is Granularity.MINUTE else _HOUR_US
         # Floor, not truncation toward zero: DuckDB's % keeps the dividend's sign.
-        return (
-            f"(epoch_us(occurred_at) - ((epoch_us(occurred_at) % {step}) + {step}) % {step})"
-        )
+        return f"(epoch_us(occurred_at) - ((epoch_us(occurred_at) % {step}) + {step}) % {step})"
     if granularity is Granularity.DAY:
         day = "occurred_on"
     else:
@@ -333,7 +337,10 @@ def _grouped(
     else:
         inner = ", ".join([*key_exprs, "tenant_id", *measure_exprs])
         outer = ", ".join(
-            [*keys, *(f"CAST(sum({name}) AS {m.sum_type}) AS {name}" for name, m in measures.items())]
+            [
+                *keys,
+                *(f"CAST(sum({name}) AS {m.sum_type}) AS {name}" for name, m in measures.items()),
+            ]
         )
         group = f" GROUP BY {', '.join(keys)}" if keys else ""
         sql = f"SELECT {outer} FROM (SELECT {inner} FROM {TABLE} WHERE {where} GROUP BY ALL){group}"
@@ -438,8 +445,10 @@ def conversions(
     # narrow which conversions count (see the module docstring).
     where = query.where(scope, time_range.start, time_range.end, filters, event_filters=False)
     converted = " AND ".join(
-        [f"event_type = {query.bind('conversion', TrackedEventType.CONVERSION.value)}"]
-        + query.event_filters(filters)
+        [
+            f"event_type = {query.bind('conversion', TrackedEventType.CONVERSION.value)}",
+            *query.event_filters(filters),
+        ]
     )
     rows = _grouped(
         store,
@@ -466,7 +475,7 @@ def conversions(
     return tuple(result)
 
 
-def _revenue_filter(query: _Query, filters: MetricFilters) -> str:
+def _revenue_filter(query: _Query) -> str:
     return " AND ".join(
         [
             f"event_type = {query.bind('conversion', TrackedEventType.CONVERSION.value)}",
@@ -498,7 +507,7 @@ def revenue(
     bucket_starts(time_range, granularity)
     query = _Query()
     where = query.where(scope, time_range.start, time_range.end, filters)
-    where = f"{where} AND {_revenue_filter(query, filters)}"
+    where = f"{where} AND {_revenue_filter(query)}"
     rows = _grouped(
         store,
         scope,
@@ -543,7 +552,7 @@ def geography(
     )
     money_query = _Query()
     money_where = money_query.where(scope, time_range.start, time_range.end, filters)
-    money_where = f"{money_where} AND {_revenue_filter(money_query, filters)}"
+    money_where = f"{money_where} AND {_revenue_filter(money_query)}"
     money: dict[str, dict[str, Decimal]] = {}
     for row in _grouped(
         store,
@@ -560,7 +569,10 @@ def geography(
             row["country_code"],
             int(row["events"]),
             int(row["users"]),
-            dict(sorted(money.get(row["country_code"], {}).items())),
+            tuple(
+                CurrencyAmount(currency, amount)
+                for currency, amount in sorted(money.get(row["country_code"], {}).items())
+            ),
         )
         for row in counts
     )
@@ -568,3 +580,29 @@ def geography(
 
 def _epoch_us(moment: datetime) -> int:
     return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def overall_conversion_rate(
+    store: EventStore,
+    scope: Scope,
+    time_range: TimeRange,
+    filters: MetricFilters = NO_FILTERS,
+) -> float:
+    """Distinct converting actors / distinct active actors over the whole range (not a
+    mean of bucket rates); 0.0 when nobody was active."""
+    where = ["occurred_at >= ?", "occurred_at < ?", "actor_key IS NOT NULL"]
+    params: list[object] = [time_range.start, time_range.end]
+    if scope.tenant_id is not None:
+        where.append("tenant_id = ?")
+        params.append(scope.tenant_id)
+    if filters.ticketed_event_id is not None:
+        where.append("ticketed_event_id = ?")
+        params.append(filters.ticketed_event_id)
+    sql = (
+        "SELECT count(DISTINCT (tenant_id, actor_key)) FILTER (WHERE event_type = 'conversion')"
+        " AS converting, count(DISTINCT (tenant_id, actor_key)) AS active"
+        f" FROM tracked_events WHERE {' AND '.join(where)}"
+    )
+    row = store.read(sql, params).to_pylist()[0]
+    active = int(row["active"] or 0)
+    return int(row["converting"] or 0) / active if active else 0.0

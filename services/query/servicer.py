@@ -13,6 +13,7 @@ from typing import Any
 from bilten.analytics.query.v1 import query_service_pb2 as pb
 from bilten.analytics.query.v1 import query_service_pb2_grpc as pb_grpc
 from bilten.analytics.type.v1 import metric_pb2
+
 from services.platform.errors import FieldViolation, invalid_request
 from services.platform.grpc_edge import principal
 from services.platform.unbuilt import answer_unbuilt
@@ -35,7 +36,9 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
     def __init__(self, store: EventStore) -> None:
         self._store = store
 
-    async def GetMetrics(self, request: pb.GetMetricsRequest, context: Any) -> pb.GetMetricsResponse:
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: Any
+    ) -> pb.GetMetricsResponse:
         scope = convert.scope(principal(), request.tenant_id)
         window = convert.time_range(request.time_range)
         granularity = convert.granularity(request.granularity, window)

@@ -63,7 +63,10 @@ def start_system(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
             raise RuntimeError(f"`up` exited early:\n{log_path.read_text()[-3000:]}")
         if credentials_path.exists():
             try:
-                if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).text.strip() == "LIVE":
+                if (
+                    httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).text.strip()
+                    == "LIVE"
+                ):
                     break
             except httpx.HTTPError:
                 pass

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as pb_grpc
+
 from services.storage.event_store import DuckDBEventStore
 from tests.conftest import tracked_event
 from tests.e2e.conftest import start_system
@@ -50,7 +50,9 @@ def test_sigkill_mid_ingestion_keeps_every_acknowledged_event(tmp_path: Path) ->
                     return
                 with lock:
                     acknowledged.extend(
-                        r.event_id for r in response.results if r.status == pb.INGEST_STATUS_ACCEPTED
+                        r.event_id
+                        for r in response.results
+                        if r.status == pb.INGEST_STATUS_ACCEPTED
                     )
 
     senders = [threading.Thread(target=send, args=(n,)) for n in range(3)]
@@ -69,9 +71,11 @@ def test_sigkill_mid_ingestion_keeps_every_acknowledged_event(tmp_path: Path) ->
 
     store = DuckDBEventStore(system.data_dir / "events.duckdb")
     try:
-        stored = store.read(
-            "SELECT event_id FROM tracked_events WHERE event_name = ?", ["load_test"]
-        ).column("event_id").to_pylist()
+        stored = (
+            store.read("SELECT event_id FROM tracked_events WHERE event_name = ?", ["load_test"])
+            .column("event_id")
+            .to_pylist()
+        )
     finally:
         store.close()
     missing = set(acknowledged) - set(stored)

@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
-
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as ingestion_pb2
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 from bilten.analytics.prediction.v1 import prediction_service_pb2 as prediction_pb2
 from bilten.analytics.prediction.v1 import prediction_service_pb2_grpc as prediction_grpc
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
 from tests.conftest import tracked_event
 from tests.e2e.conftest import RunningSystem
 
@@ -44,13 +44,22 @@ def test_rest_track_page_conversion_then_read_metrics(system: RunningSystem) -> 
     with httpx.Client(base_url=system.rest_url, timeout=10) as http:
         marker = f"e2e_{uuid.uuid4().hex[:8]}"
         for _ in range(3):
-            r = http.post("/events/track", headers=write, json={"eventName": marker, "userId": "alice"})
+            r = http.post(
+                "/events/track", headers=write, json={"eventName": marker, "userId": "alice"}
+            )
             assert r.status_code == 200, r.text
             assert r.json()["result"]["status"] == "INGEST_STATUS_ACCEPTED"
         r = http.post(
             "/events/page",
-            headers={**write, "user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"},
-            json={"eventName": "home", "anonymousId": "anon-1", "page": {"url": "https://bilten.example/"}},
+            headers={
+                **write,
+                "user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
+            },
+            json={
+                "eventName": "home",
+                "anonymousId": "anon-1",
+                "page": {"url": "https://bilten.example/"},
+            },
         )
         assert r.status_code == 200, r.text
         r = http.post(
@@ -66,7 +75,11 @@ def test_rest_track_page_conversion_then_read_metrics(system: RunningSystem) -> 
         r = http.get(
             "/analytics/metrics",
             headers=read,
-            params={"metrics": "METRIC_KIND_EVENT_COUNT", "groupBy": "DIMENSION_EVENT_NAME", **_range()},
+            params={
+                "metrics": "METRIC_KIND_EVENT_COUNT",
+                "groupBy": "DIMENSION_EVENT_NAME",
+                **_range(),
+            },
         )
         assert r.status_code == 200, r.text
         points = r.json()["series"][0]["points"]
@@ -92,7 +105,11 @@ def test_rest_track_page_conversion_then_read_metrics(system: RunningSystem) -> 
         # Wrong type.
         ({"json": {"eventName": 5, "userId": "a"}}, 400, None),
         # Unknown enum value.
-        ({"json": {"eventName": "x", "userId": "a", "eventType": "TRACKED_EVENT_TYPE_NOPE"}}, 400, None),
+        (
+            {"json": {"eventName": "x", "userId": "a", "eventType": "TRACKED_EVENT_TYPE_NOPE"}},
+            400,
+            None,
+        ),
         # Shape rule: bad event name pattern (field violation, quarantined).
         ({"json": {"eventName": "Bad Name", "userId": "a"}}, 400, "ERROR_REASON_INVALID_REQUEST"),
         # Shape rule: no identity.
@@ -116,7 +133,9 @@ def test_rest_bad_input_gets_precise_4xx_json(
 
 def test_rest_auth_errors(system: RunningSystem) -> None:
     with httpx.Client(base_url=system.rest_url, timeout=10) as http:
-        r = http.get("/analytics/metrics", params={"metrics": "METRIC_KIND_EVENT_COUNT", **_range()})
+        r = http.get(
+            "/analytics/metrics", params={"metrics": "METRIC_KIND_EVENT_COUNT", **_range()}
+        )
         assert r.status_code == 401
         assert r.json()["details"][0]["reason"] == "ERROR_REASON_CREDENTIAL_MISSING"
         r = http.get(
@@ -157,9 +176,13 @@ def test_rest_unknown_paths_and_params_are_4xx(system: RunningSystem) -> None:
 def test_rest_oversized_batch_is_rejected_whole(system: RunningSystem) -> None:
     events = [{"eventName": "x", "userId": "a", "eventType": "TRACKED_EVENT_TYPE_TRACK"}] * 1001
     with httpx.Client(base_url=system.rest_url, timeout=10) as http:
-        r = http.post("/events/batch", headers=_bearer(system.credentials["write_key"]), json={"events": events})
+        r = http.post(
+            "/events/batch",
+            headers=_bearer(system.credentials["write_key"]),
+            json={"events": events},
+        )
     assert r.status_code == 400
-    violations = [d for d in r.json()["details"] if d["@type"].endswith("BadRequest")][0]
+    violations = next(d for d in r.json()["details"] if d["@type"].endswith("BadRequest"))
     assert violations["fieldViolations"][0]["field"] == "events"
 
 
@@ -181,9 +204,14 @@ def test_grpc_batch_with_per_event_results_and_quarantine(system: RunningSystem)
             ingestion_pb2.INGEST_STATUS_REJECTED,
         ]
         assert response.results[2].field_path == "events[2].event_name"
-        assert response.results[3].rejection_reason == ingestion_pb2.REJECTION_REASON_TIMESTAMP_IN_FUTURE
+        assert (
+            response.results[3].rejection_reason
+            == ingestion_pb2.REJECTION_REASON_TIMESTAMP_IN_FUTURE
+        )
         read = (("authorization", f"Bearer {system.credentials['admin_token']}"),)
-        listed = stub.ListQuarantinedEvents(ingestion_pb2.ListQuarantinedEventsRequest(page_size=1000), metadata=read)
+        listed = stub.ListQuarantinedEvents(
+            ingestion_pb2.ListQuarantinedEventsRequest(page_size=1000), metadata=read
+        )
         ids = {q.quarantined_event_id for q in listed.quarantined_events}
         assert response.results[2].quarantined_event_id in ids
         assert response.results[3].quarantined_event_id in ids
@@ -192,12 +220,21 @@ def test_grpc_batch_with_per_event_results_and_quarantine(system: RunningSystem)
 def test_grpc_health_reflection_and_unbuilt_services(system: RunningSystem) -> None:
     with grpc.insecure_channel(system.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "bilten.analytics.ingestion.v1.IngestionService", "bilten.analytics.prediction.v1.PredictionService"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        for service in (
+            "",
+            "bilten.analytics.ingestion.v1.IngestionService",
+            "bilten.analytics.prediction.v1.PredictionService",
+        ):
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         stub = prediction_grpc.PredictionServiceStub(channel)
         metadata = (("authorization", f"Bearer {system.credentials['admin_token']}"),)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.PredictChurn(prediction_pb2.PredictChurnRequest(user_ids=["u1"]), metadata=metadata)
+            stub.PredictChurn(
+                prediction_pb2.PredictChurnRequest(user_ids=["u1"]), metadata=metadata
+            )
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "issue #7" in caught.value.details()
         status = rpc_status.from_call(caught.value)

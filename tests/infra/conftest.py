@@ -9,15 +9,13 @@ Without them the tests skip, saying which variable is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-KAFKA_SH = REPO / "dev" / "kafka.sh"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,13 +57,24 @@ def new_topic(kafka_admin) -> Iterator:  # type: ignore[no-untyped-def]
         )
         futures[name].result(timeout=60)
         created.append(name)
-        return name
+        # CreateTopics returns once the controller committed the topic; the broker applies
+        # that metadata asynchronously, so wait until it serves every partition's leader.
+        deadline = time.monotonic() + 30
+        while True:
+            t = kafka_admin.list_topics(topic=name, timeout=10).topics.get(name)
+            if (
+                t is not None
+                and t.error is None
+                and len(t.partitions) == partitions
+                and all(p.leader >= 0 for p in t.partitions.values())
+            ):
+                return name
+            assert time.monotonic() < deadline, f"topic {name} not served after 30 s: {t}"
+            time.sleep(0.1)
 
     yield make
     if created:
         futures = kafka_admin.delete_topics(created, operation_timeout=30)
         for fut in futures.values():
-            try:
+            with contextlib.suppress(Exception):  # best effort: the broker may be down
                 fut.result(timeout=60)
-            except Exception:  # noqa: BLE001 - best effort cleanup (broker may be down)
-                pass

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import jwt
 import pytest
-
-from datetime import UTC, datetime
 
 from services.platform.auth import (
     Authenticator,
@@ -16,8 +15,8 @@ from services.platform.auth import (
     hash_api_key_secret,
     new_api_key,
 )
-from services.storage.metadata_store import ApiKeyRecord
 from services.platform.errors import CredentialError
+from services.storage.metadata_store import ApiKeyRecord
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +37,9 @@ class KeyTable:
 
 
 def _auth() -> tuple[Authenticator, TokenIssuer, KeyTable]:
-    issuer = TokenIssuer("s3cret-s3cret-s3cret-s3cret-s3cret!", "bilten-analytics", "bilten-analytics")
+    issuer = TokenIssuer(
+        "s3cret-s3cret-s3cret-s3cret-s3cret!", "bilten-analytics", "bilten-analytics"
+    )
     table = KeyTable()
     return Authenticator(issuer, table, PEPPER), issuer, table
 
@@ -70,7 +71,10 @@ def test_expired_token_is_refused_with_expired_reason() -> None:
 @pytest.mark.parametrize(
     "token",
     [
-        jwt.encode({"sub": "x", "tid": "t1", "exp": time.time() + 60}, "other-key-other-key-other-key-other!"),
+        jwt.encode(
+            {"sub": "x", "tid": "t1", "exp": time.time() + 60},
+            "other-key-other-key-other-key-other!",
+        ),
         jwt.encode(
             {
                 "sub": "x",

@@ -50,7 +50,9 @@ class MemoryQuarantine:
         self.entries.extend(entries)
 
 
-def _pipeline(rate: float = 1e9, burst: float = 1e9) -> tuple[IngestionPipeline, MemoryLog, MemoryQuarantine]:
+def _pipeline(
+    rate: float = 1e9, burst: float = 1e9
+) -> tuple[IngestionPipeline, MemoryLog, MemoryQuarantine]:
     log, quarantine = MemoryLog(), MemoryQuarantine()
     pipeline = IngestionPipeline(
         PipelineLimits(),
@@ -94,14 +96,38 @@ async def test_accepted_event_is_enriched_and_appended() -> None:
 @pytest.mark.parametrize(
     ("overrides", "reason", "field"),
     [
-        ({"occurred_at": NOW + timedelta(hours=1)}, RejectionReason.TIMESTAMP_IN_FUTURE, "events[0].occurred_at"),
-        ({"occurred_at": NOW - timedelta(days=8)}, RejectionReason.TIMESTAMP_TOO_OLD, "events[0].occurred_at"),
+        (
+            {"occurred_at": NOW + timedelta(hours=1)},
+            RejectionReason.TIMESTAMP_IN_FUTURE,
+            "events[0].occurred_at",
+        ),
+        (
+            {"occurred_at": NOW - timedelta(days=8)},
+            RejectionReason.TIMESTAMP_TOO_OLD,
+            "events[0].occurred_at",
+        ),
         ({"serialized_size": 40_000}, RejectionReason.TOO_LARGE, "events[0]"),
-        ({"properties_json": "{" + "x" * 20_000 + "}"}, RejectionReason.TOO_LARGE, "events[0].properties"),
+        (
+            {"properties_json": "{" + "x" * 20_000 + "}"},
+            RejectionReason.TOO_LARGE,
+            "events[0].properties",
+        ),
         ({"property_count": 201}, RejectionReason.TOO_LARGE, "events[0].properties"),
-        ({"event_type": TrackedEventType.CONVERSION}, RejectionReason.BUSINESS_RULE, "events[0].ticketing"),
-        ({"revenue": Decimal("-1"), "currency": "EUR"}, RejectionReason.BUSINESS_RULE, "events[0].ticketing.revenue"),
-        ({"revenue": Decimal("10"), "currency": "eur"}, RejectionReason.BUSINESS_RULE, "events[0].ticketing.revenue.currency_code"),
+        (
+            {"event_type": TrackedEventType.CONVERSION},
+            RejectionReason.BUSINESS_RULE,
+            "events[0].ticketing",
+        ),
+        (
+            {"revenue": Decimal("-1"), "currency": "EUR"},
+            RejectionReason.BUSINESS_RULE,
+            "events[0].ticketing.revenue",
+        ),
+        (
+            {"revenue": Decimal("10"), "currency": "eur"},
+            RejectionReason.BUSINESS_RULE,
+            "events[0].ticketing.revenue.currency_code",
+        ),
         ({"event_type": None}, RejectionReason.INVALID_FIELD, "events[0].event_type"),
     ],
 )
@@ -149,7 +175,9 @@ async def test_implied_type_fills_in_and_mismatch_is_rejected() -> None:
 
 async def test_duplicates_inside_a_batch_and_across_calls_are_stored_once() -> None:
     pipeline, log, _ = _pipeline()
-    first = await pipeline.ingest("t1", "k", [_event(event_id="e1"), _event(event_id="e1")], "events")
+    first = await pipeline.ingest(
+        "t1", "k", [_event(event_id="e1"), _event(event_id="e1")], "events"
+    )
     assert [o.status for o in first] == [IngestStatus.ACCEPTED, IngestStatus.DUPLICATE]
     (again,) = await pipeline.ingest("t1", "k", [_event(event_id="e1")], "events")
     assert again.status is IngestStatus.DUPLICATE

@@ -1,0 +1,450 @@
+"""The embedded event store: tracked events in one DuckDB file, one column per field.
+
+Layout (table `tracked_events`, see `COLUMNS`):
+- one column per `TrackedEvent` / `Enrichment` field, under the field's own name; absent
+  strings stay `''` exactly as in the model, so a row maps back to the dataclass 1:1;
+- times are `TIMESTAMPTZ` (an instant, UTC). Every connection runs with
+  `TimeZone = 'UTC'`, so Arrow results carry `tz=UTC` and aware `datetime` parameters
+  compare as instants whatever the host's zone. Queries must not bucket with
+  `date_trunc`/`time_bucket` on these columns: on `TIMESTAMPTZ` those go through ICU
+  calendars and cost 20-50x more than the two derived columns below;
+- `revenue` is `DECIMAL(18,6)`; a value needing more digits fails the whole append
+  instead of being rounded. `properties_json` is `JSON`: DuckDB checks the text on
+  insert, so one malformed event fails its batch (ingestion validates it first);
+- derived for queries: `occurred_on DATE` (the UTC calendar day of `occurred_at`: day,
+  ISO week and month buckets come from it with plain date arithmetic) and
+  `actor_key INTEGER`, a dense per-tenant number for "who did it" (see below).
+
+Actor keys. Active users are counted as distinct actors, an actor being `user_id` when
+set, else `anonymous_id` (namespaced `u:` / `a:` so the two id spaces never collide);
+events with neither have a NULL key and count as events but not as users. Each new
+actor of a tenant gets the next integer from 0 in `tenant_actors`, in the same
+transaction as its events. Dense small integers let exact distinct counts use DuckDB's
+bitmap aggregate (`bitstring_agg` + `bit_count`): ~10x faster than hashing strings and
+still exact (`approx_count_distinct` is never used). The store keeps the actor → key
+map in memory (about 150 B per actor) so an append costs no lookup query.
+
+Durability (verified with strace on DuckDB 2.0.1, Linux): `COMMIT` writes the WAL and
+`fdatasync`s it before returning; a large batch is written to the database file first
+(also `fdatasync`ed) and the WAL only records where it is. So when `append` returns, the
+rows survive a process kill (tests/storage/test_durability.py SIGKILLs a writer). DuckDB
+does not fsync the directory when it re-creates the WAL after a checkpoint deleted it;
+for power loss `append` fsyncs the directory whenever the WAL file is new. Checkpoints
+run automatically when the WAL passes `checkpoint_threshold` (16 MiB), inside the commit
+that crossed it, and on `close()`. `fsync_mode` is set explicitly (FULL on macOS, where
+plain fsync does not flush the disk cache).
+
+Concurrency: DuckDB lets one process open the file. All appends go through one writer
+cursor under a lock (one transaction each); every read gets its own cursor of the same
+database, so reads run in parallel with appends and see only committed batches (MVCC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from operator import attrgetter
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from services.events.model import TrackedEvent
+
+TABLE = "tracked_events"
+ACTORS_TABLE = "tenant_actors"
+SCHEMA_VERSION = 1
+
+# Largest key a tenant's actors may take: the column is 32-bit to keep scans and
+# bitmaps small; two billion distinct people per organizer is far beyond need.
+MAX_ACTOR_KEY = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    sql_type: str
+    arrow_type: pa.DataType
+
+
+_S = pa.string()
+
+# The single source of the table layout: the DDL and the Arrow schema come from it.
+# Order: model fields, then enrichment fields, then the derived columns.
+COLUMNS: tuple[Column, ...] = (
+    Column("tenant_id", "VARCHAR NOT NULL", _S),
+    Column("event_id", "VARCHAR NOT NULL", _S),
+    Column("event_type", "VARCHAR NOT NULL", _S),
+    Column("event_name", "VARCHAR NOT NULL", _S),
+    Column("occurred_at", "TIMESTAMPTZ NOT NULL", pa.timestamp("us", tz="UTC")),
+    Column("received_at", "TIMESTAMPTZ NOT NULL", pa.timestamp("us", tz="UTC")),
+    Column("source", "VARCHAR NOT NULL", _S),
+    Column("session_id", "VARCHAR NOT NULL", _S),
+    Column("user_id", "VARCHAR NOT NULL", _S),
+    Column("anonymous_id", "VARCHAR NOT NULL", _S),
+    Column("page_url", "VARCHAR NOT NULL", _S),
+    Column("page_title", "VARCHAR NOT NULL", _S),
+    Column("referrer", "VARCHAR NOT NULL", _S),
+    Column("ticketed_event_id", "VARCHAR NOT NULL", _S),
+    Column("campaign_id", "VARCHAR NOT NULL", _S),
+    Column("order_id", "VARCHAR NOT NULL", _S),
+    Column("revenue", "DECIMAL(18,6) NOT NULL", pa.decimal128(18, 6)),
+    Column("currency", "VARCHAR NOT NULL", _S),
+    Column("quantity", "INTEGER NOT NULL", pa.int32()),
+    Column("properties_json", "JSON NOT NULL", _S),
+    Column("schema_id", "INTEGER NOT NULL", pa.int32()),
+    Column("ip_hash", "VARCHAR NOT NULL", _S),
+    Column("country_code", "VARCHAR NOT NULL", _S),
+    Column("browser_family", "VARCHAR NOT NULL", _S),
+    Column("browser_version", "VARCHAR NOT NULL", _S),
+    Column("os_family", "VARCHAR NOT NULL", _S),
+    Column("device_type", "VARCHAR NOT NULL", _S),
+    Column("occurred_on", "DATE NOT NULL", pa.date32()),
+    Column("actor_key", "INTEGER", pa.int32()),
+)
+DERIVED_COLUMNS = frozenset({"occurred_on", "actor_key"})
+_ENRICHMENT_FIELDS = (
+    "ip_hash",
+    "country_code",
+    "browser_family",
+    "browser_version",
+    "os_family",
+    "device_type",
+)
+
+# What callers hand to `append_table`: every stored column but the derived ones.
+EVENT_ARROW_SCHEMA = pa.schema(
+    [
+        pa.field(c.name, c.arrow_type, nullable=False)
+        for c in COLUMNS
+        if c.name not in DERIVED_COLUMNS
+    ]
+)
+
+
+class EventStore(Protocol):
+    """Where accepted tracked events live and analytics read them from.
+
+    `read` takes DuckDB-dialect SQL over the table `tracked_events` (columns above);
+    it only runs a single SELECT.
+    """
+
+    def append(self, events: Sequence[TrackedEvent]) -> None:
+        """Stores the batch atomically; durable when this returns."""
+        ...
+
+    def read(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> pa.Table:
+        """Runs one SELECT (`?` with a sequence, `$name` with a mapping) on a snapshot
+        of committed data."""
+        ...
+
+    def event_ids_since(self, since: datetime) -> Iterator[tuple[str, str]]:
+        """(tenant_id, event_id) of events received at or after `since`."""
+        ...
+
+    def count(self, tenant_id: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class ReadOnlyQueryError(ValueError):
+    """`read` was given something other than exactly one SELECT statement."""
+
+
+def _require_aware(name: str, values: Sequence[datetime]) -> None:
+    # pyarrow would read a naive datetime as UTC without a word; the model promises
+    # aware UTC times, so a naive one is a caller bug worth failing loudly on.
+    for value in values:
+        if value.utcoffset() is None:
+            raise ValueError(f"{name} must be a timezone-aware datetime, got {value!r}")
+
+
+def events_to_table(events: Sequence[TrackedEvent]) -> pa.Table:
+    """The batch as an Arrow table of `EVENT_ARROW_SCHEMA`, built column by column.
+
+    One C-level pass (`attrgetter` over the list) per field instead of a Python dict per
+    row: ~1 ms for 1,000 events.
+    """
+    columns: dict[str, pa.Array] = {}
+    enrichments = list(map(attrgetter("enrichment"), events))
+    for field in EVENT_ARROW_SCHEMA:
+        source = enrichments if field.name in _ENRICHMENT_FIELDS else events
+        values = list(map(attrgetter(field.name), source))
+        if field.name in ("occurred_at", "received_at"):
+            _require_aware(field.name, values)
+        columns[field.name] = pa.array(values, field.type)
+    return pa.Table.from_pydict(columns, schema=EVENT_ARROW_SCHEMA)
+
+
+def _actor_ids(table: pa.Table) -> pa.Array:
+    """`u:<user_id>`, else `a:<anonymous_id>`, else null; vectorised."""
+    user = table.column("user_id").combine_chunks()
+    anonymous = table.column("anonymous_id").combine_chunks()
+    null = pa.scalar(None, pa.string())
+    by_anonymous = pc.if_else(
+        pc.not_equal(anonymous, ""), pc.binary_join_element_wise("a:", anonymous, ""), null
+    )
+    return pc.if_else(
+        pc.not_equal(user, ""), pc.binary_join_element_wise("u:", user, ""), by_anonymous
+    )
+
+
+class DuckDBEventStore:
+    """`EventStore` on one DuckDB file; thread-safe; one instance per process and file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = duckdb.connect(str(self.path))
+        # GLOBAL so every cursor (a duplicate connection) inherits it.
+        self._conn.execute("SET GLOBAL TimeZone = 'UTC'")
+        fsync_mode = "FULL" if sys.platform == "darwin" else "STANDARD"
+        self._conn.execute(f"SET GLOBAL fsync_mode = '{fsync_mode}'")
+        self._create_schema()
+        # Reads run caller-supplied SQL: no file, network or extension access from it.
+        self._conn.execute("SET GLOBAL enable_external_access = false")
+        self._conn.execute("SET GLOBAL lock_configuration = true")
+        self._write_lock = threading.Lock()
+        self._cursor_lock = threading.Lock()
+        self._writer = self._conn.cursor()
+        self._closed = False
+        self._actor_keys: dict[str, dict[str, int]] = {}
+        self._next_actor_key: dict[str, int] = {}
+        self._load_actor_keys()
+        self._wal_path = self.path.with_name(self.path.name + ".wal")
+        self._synced_wal_inode: int | None = None
+        self._fsync_directory()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def _create_schema(self) -> None:
+        columns = ",\n  ".join(f"{c.name} {c.sql_type}" for c in COLUMNS)
+        self._conn.execute("BEGIN")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS storage_schema (version INTEGER NOT NULL)")
+        row = self._conn.execute("SELECT max(version) FROM storage_schema").fetchone()
+        version = row[0] if row else None
+        if version is None:
+            self._conn.execute(f"CREATE TABLE {TABLE} (\n  {columns}\n)")
+            self._conn.execute(
+                f"CREATE TABLE {ACTORS_TABLE} (tenant_id VARCHAR NOT NULL, "
+                "actor_id VARCHAR NOT NULL, actor_key INTEGER NOT NULL)"
+            )
+            self._conn.execute("INSERT INTO storage_schema VALUES (?)", [SCHEMA_VERSION])
+        elif version != SCHEMA_VERSION:
+            self._conn.execute("ROLLBACK")
+            raise RuntimeError(
+                f"{self.path} has event store schema v{version}; this build reads v{SCHEMA_VERSION}"
+            )
+        self._conn.execute("COMMIT")
+
+    def _load_actor_keys(self) -> None:
+        table = self._conn.sql(f"SELECT tenant_id, actor_id, actor_key FROM {ACTORS_TABLE}")
+        for batch in table.to_arrow_reader():
+            for tenant_id, actor_id, key in zip(
+                batch.column(0).to_pylist(),
+                batch.column(1).to_pylist(),
+                batch.column(2).to_pylist(),
+                strict=True,
+            ):
+                self._actor_keys.setdefault(tenant_id, {})[actor_id] = key
+                if key >= self._next_actor_key.get(tenant_id, 0):
+                    self._next_actor_key[tenant_id] = key + 1
+
+    def close(self) -> None:
+        """Checkpoints (DuckDB does on close) and releases the file; idempotent."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.close()
+            self._conn.close()
+
+    def __enter__(self) -> DuckDBEventStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- writes ----------------------------------------------------------------------
+
+    def append(self, events: Sequence[TrackedEvent]) -> None:
+        """Stores the batch in one transaction; when this returns the rows are durable."""
+        if events:
+            self.append_table(events_to_table(events))
+
+    def append_table(self, table: pa.Table) -> None:
+        """Columnar append of rows shaped like `EVENT_ARROW_SCHEMA` (bulk loads, tests).
+
+        Columns are matched by name and cast to the stored types (a lossy cast raises).
+        """
+        if table.num_rows == 0:
+            return
+        table = table.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("event store is closed")
+            actor_keys, new_actors = self._assign_actor_keys(table)
+            rows = table.append_column(
+                "occurred_on", pc.cast(table.column("occurred_at"), pa.date32())
+            ).append_column("actor_key", actor_keys)
+            self._commit(rows, new_actors)
+            # Only now that the keys are durable may later batches reuse them.
+            for tenant_id, actor_id, key in zip(
+                new_actors.column(0).to_pylist(),
+                new_actors.column(1).to_pylist(),
+                new_actors.column(2).to_pylist(),
+                strict=True,
+            ):
+                self._actor_keys.setdefault(tenant_id, {})[actor_id] = key
+                self._next_actor_key[tenant_id] = key + 1
+        self._sync_new_wal()
+
+    def _assign_actor_keys(self, table: pa.Table) -> tuple[pa.Array, pa.Table]:
+        """Per-row actor keys, and the (tenant_id, actor_id, actor_key) rows not yet known.
+
+        Python touches each distinct actor of the batch once, never each row.
+        """
+        actors = _actor_ids(table)
+        tenant_column = table.column("tenant_id").combine_chunks()
+        tenants = pc.unique(tenant_column).to_pylist()
+        keys = np.full(table.num_rows, -1, dtype=np.int64)
+        new_tenants: list[str] = []
+        new_ids: list[str] = []
+        new_keys: list[int] = []
+        for tenant_id in tenants:
+            if len(tenants) == 1:
+                rows = None
+                tenant_actors = actors
+            else:
+                mask = pc.equal(tenant_column, tenant_id)
+                rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+                tenant_actors = actors.take(pa.array(rows))
+            encoded = pc.dictionary_encode(tenant_actors)
+            known = self._actor_keys.get(tenant_id, {})
+            next_key = self._next_actor_key.get(tenant_id, 0)
+            distinct = encoded.dictionary.to_pylist()
+            mapping = np.empty(len(distinct), dtype=np.int64)
+            for position, actor_id in enumerate(distinct):
+                key = known.get(actor_id)
+                if key is None:
+                    key = next_key
+                    next_key += 1
+                    new_tenants.append(tenant_id)
+                    new_ids.append(actor_id)
+                    new_keys.append(key)
+                mapping[position] = key
+            if next_key - 1 > MAX_ACTOR_KEY:
+                raise OverflowError(f"tenant {tenant_id!r} has more actors than actor_key holds")
+            per_row = pc.fill_null(pc.take(pa.array(mapping), encoded.indices), -1).to_numpy()
+            if rows is None:
+                keys = per_row.astype(np.int64, copy=True)
+            else:
+                keys[rows] = per_row
+        actor_keys = pa.array(keys.astype(np.int32), type=pa.int32(), mask=keys < 0)
+        new_actors = pa.table(
+            {
+                "tenant_id": pa.array(new_tenants, pa.string()),
+                "actor_id": pa.array(new_ids, pa.string()),
+                "actor_key": pa.array(new_keys, pa.int32()),
+            }
+        )
+        return actor_keys, new_actors
+
+    def _commit(self, rows: pa.Table, new_actors: pa.Table) -> None:
+        cursor = self._writer
+        cursor.execute("BEGIN")
+        try:
+            cursor.register("_bilten_batch", rows)
+            cursor.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM _bilten_batch")
+            if new_actors.num_rows:
+                cursor.register("_bilten_actors", new_actors)
+                cursor.execute(f"INSERT INTO {ACTORS_TABLE} BY NAME SELECT * FROM _bilten_actors")
+            cursor.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                cursor.execute("ROLLBACK")
+            raise
+        finally:
+            for view in ("_bilten_batch", "_bilten_actors"):
+                with contextlib.suppress(duckdb.Error):
+                    cursor.unregister(view)
+
+    def _sync_new_wal(self) -> None:
+        # The WAL file is deleted by every checkpoint and created again by the next
+        # commit; DuckDB fsyncs its content but not the directory entry. Without this a
+        # power cut could lose the whole new WAL, i.e. acknowledged batches.
+        try:
+            inode = os.stat(self._wal_path).st_ino
+        except FileNotFoundError:
+            return  # the commit checkpointed straight into the database file
+        if inode != self._synced_wal_inode:
+            self._fsync_directory()
+            self._synced_wal_inode = inode
+
+    def _fsync_directory(self) -> None:
+        descriptor = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    # --- reads -----------------------------------------------------------------------
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._cursor_lock:
+            if self._closed:
+                raise RuntimeError("event store is closed")
+            return self._conn.cursor()
+
+    def read(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> pa.Table:
+        """Runs one SELECT on its own cursor and returns all rows.
+
+        Parameters: a sequence for `?` placeholders, a mapping for `$name` ones.
+        """
+        cursor = self._cursor()
+        try:
+            statements = cursor.extract_statements(sql)
+            if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+                raise ReadOnlyQueryError("read() runs exactly one SELECT statement")
+            bound = dict(params) if isinstance(params, Mapping) else list(params)
+            relation = cursor.sql(sql, params=bound)
+            return relation.to_arrow_table()
+        finally:
+            cursor.close()
+
+    def event_ids_since(self, since: datetime) -> Iterator[tuple[str, str]]:
+        """Streams (tenant_id, event_id) received at or after `since`, in no order.
+
+        For warming the dedup window after a restart; memory stays at one Arrow batch.
+        """
+        _require_aware("since", [since])
+        cursor = self._cursor()
+        try:
+            relation = cursor.sql(
+                f"SELECT tenant_id, event_id FROM {TABLE} WHERE received_at >= ?",
+                params=[since],
+            )
+            for batch in relation.to_arrow_reader():
+                yield from zip(
+                    batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
+                )
+        finally:
+            cursor.close()
+
+    def count(self, tenant_id: str) -> int:
+        table = self.read(f"SELECT count(*) AS n FROM {TABLE} WHERE tenant_id = ?", [tenant_id])
+        return int(table.column(0)[0].as_py())
