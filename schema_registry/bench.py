@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-_TOKEN = "bench-token-0123456789"
+_TOKEN = "bench-token-0123456789"  # noqa: S105 - a throwaway token of the bench server
 _SCHEMA = orjson.dumps(
     {
         "type": "record",
@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
             path = f"/schemas/ids/{registered.json()['id']}"
             # Warm every worker's cache (connections land on workers at random).
             asyncio.run(_drive_python(port, path, 2_000, 32))
-            machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+            machine = (
+                f"{platform.machine()}, {os.cpu_count()} cores, "
+                f"Python {platform.python_version()}"
+            )
             print(f"machine: {machine}")
             print(f"server: {args.workers} uvicorn worker(s), storage {storage.split(':')[0]}")
             if args.tool == "wrk":

@@ -137,7 +137,10 @@ def _bench(args: argparse.Namespace) -> int:
         return ingest_main(args.rest)
     from services.bench.query_bench import main as query_main
 
-    return int(query_main(args.rest))
+    # The query bench parses its own arguments from sys.argv.
+    sys.argv = ["bilten-analytics bench query", *args.rest]
+    query_main()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

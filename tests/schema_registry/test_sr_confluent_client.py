@@ -171,7 +171,7 @@ def test_serializer_without_auto_register_uses_lookup_and_latest(url: str) -> No
     latest = AvroSerializer(sr(url), None, conf={"auto.register.schemas": False,
                                                  "use.latest.version": True})
     assert latest(record, CTX) == payload
-    with pytest.raises(Exception, match="40403|not found|Schema not found"):
+    with pytest.raises(Exception, match=r"40403|not found|Schema not found"):
         AvroSerializer(sr(url), ORDER_V2, conf={"auto.register.schemas": False})(
             {**record, "coupon": None}, CTX
         )
