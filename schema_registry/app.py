@@ -16,7 +16,7 @@ import asyncio
 import importlib
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -50,8 +50,8 @@ from schema_registry.storage import open_store
 
 log = structlog.get_logger("schema_registry")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -456,20 +456,28 @@ class RegistryApp:
         return await self._call(self.registry.referenced_by, request.params["subject"], version)
 
     async def delete_subject(self, request: Request) -> Any:
-        return await self._call(
-            self.registry.delete_subject,
-            request.params["subject"],
-            permanent=request.flag("permanent"),
+        permanent = request.flag("permanent")
+        deleted = await self._call(
+            self.registry.delete_subject, request.params["subject"], permanent=permanent
         )
+        self._forget_ids(permanent)
+        return deleted
 
     async def delete_version(self, request: Request) -> Any:
         version = parse_version(request.params["version"])
-        return await self._call(
-            self.registry.delete_version,
-            request.params["subject"],
-            version,
-            permanent=request.flag("permanent"),
+        permanent = request.flag("permanent")
+        deleted = await self._call(
+            self.registry.delete_version, request.params["subject"], version, permanent=permanent
         )
+        self._forget_ids(permanent)
+        return deleted
+
+    def _forget_ids(self, permanent: bool) -> None:
+        # Content by id never changes, but a permanent delete can make an id unknown (40403).
+        # Such deletes are rare operator actions, so this process simply starts its cache
+        # afresh; other processes keep serving the (still correct) content until restart.
+        if permanent:
+            self._id_cache.clear()
 
     # -- compatibility -----------------------------------------------------------------------
 

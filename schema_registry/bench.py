@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             # Warm every worker's cache (connections land on workers at random).
             asyncio.run(_drive_python(port, path, 2_000, 32))
             machine = (
-                f"{platform.machine()}, {os.cpu_count()} cores, "
-                f"Python {platform.python_version()}"
+                f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
             )
             print(f"machine: {machine}")
             print(f"server: {args.workers} uvicorn worker(s), storage {storage.split(':')[0]}")

@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export BILTEN_TEST_RUN_DIR="${BILTEN_TEST_RUN_DIR:-$(mktemp -d /tmp/bilten-test.XXXXXX)}"
+# The PostgreSQL server runs as the postgres user: it must be able to enter the run dir.
+chmod 0755 "$BILTEN_TEST_RUN_DIR"
 export BILTEN_PG_DIR="$BILTEN_TEST_RUN_DIR/pg" BILTEN_REDIS_DIR="$BILTEN_TEST_RUN_DIR/redis"
 export BILTEN_KAFKA_DIR="$BILTEN_TEST_RUN_DIR/kafka"
 

@@ -97,7 +97,15 @@ for i, wa in enumerate(PRIMS):
         else:
             reason = f"no promotion between {wa} and {wb}"
         PAIRS.append(
-            Pair(f"prim-{wa}-vs-{wb}", wa, wb, a_reads_b, b_reads_a, reason, frozenset({T.TYPE_MISMATCH}))
+            Pair(
+                f"prim-{wa}-vs-{wb}",
+                wa,
+                wb,
+                a_reads_b,
+                b_reads_a,
+                reason,
+                frozenset({T.TYPE_MISMATCH}),
+            )
         )
 PAIRS.append(
     Pair(
@@ -132,7 +140,9 @@ PAIRS += [
     ),
     Pair(
         "record-add-optional-field",
-        rec("User", fld("id", "long"), fld("nick", ["null", "string"], default=None), namespace="ex"),
+        rec(
+            "User", fld("id", "long"), fld("nick", ["null", "string"], default=None), namespace="ex"
+        ),
         V1,
         True,
         True,
@@ -246,7 +256,10 @@ PAIRS += [
     ),
     Pair(
         "record-nested-add-default",
-        rec("Order", fld("buyer", rec("Buyer", fld("id", "long"), fld("vip", "boolean", default=False)))),
+        rec(
+            "Order",
+            fld("buyer", rec("Buyer", fld("id", "long"), fld("vip", "boolean", default=False))),
+        ),
         rec("Order", fld("buyer", rec("Buyer", fld("id", "long")))),
         True,
         True,
@@ -280,7 +293,9 @@ PAIRS += [
     ),
     Pair(
         "record-default-of-record-type",
-        rec("W", fld("id", "int"), fld("meta", rec("Meta", fld("k", "string")), default={"k": "x"})),
+        rec(
+            "W", fld("id", "int"), fld("meta", rec("Meta", fld("k", "string")), default={"k": "x"})
+        ),
         rec("W", fld("id", "int")),
         True,
         True,
@@ -664,7 +679,10 @@ PAIRS += [
         "named-reference-change-propagates",
         rec(
             "Person",
-            fld("home", rec("Address", fld("street", "string"), fld("zip", "string"), namespace="ex")),
+            fld(
+                "home",
+                rec("Address", fld("street", "string"), fld("zip", "string"), namespace="ex"),
+            ),
             fld("work", "Address"),
             namespace="ex",
         ),
@@ -786,12 +804,24 @@ def _expand(pairs: list[Pair]) -> list[Case]:
     cases: list[Case] = []
     for pair in pairs:
         cases.append(
-            Case(f"{pair.name}[A<-B]", pair.a, pair.b, pair.a_reads_b, pair.reason,
-                 frozenset() if pair.a_reads_b else pair.kinds)
+            Case(
+                f"{pair.name}[A<-B]",
+                pair.a,
+                pair.b,
+                pair.a_reads_b,
+                pair.reason,
+                frozenset() if pair.a_reads_b else pair.kinds,
+            )
         )
         cases.append(
-            Case(f"{pair.name}[B<-A]", pair.b, pair.a, pair.b_reads_a, pair.reason,
-                 frozenset() if pair.b_reads_a else pair.kinds)
+            Case(
+                f"{pair.name}[B<-A]",
+                pair.b,
+                pair.a,
+                pair.b_reads_a,
+                pair.reason,
+                frozenset() if pair.b_reads_a else pair.kinds,
+            )
         )
     return cases
 

@@ -21,10 +21,16 @@ Result = tuple[str, str, str, int]  # job, subject, tag, schema id
 
 
 def schema_text(tag: str) -> str:
-    return json.dumps({"type": "record", "name": "Evt", "fields": [
-        {"name": "id", "type": "long"},
-        {"name": f"f_{tag}", "type": ["null", "string"], "default": None},
-    ]})
+    return json.dumps(
+        {
+            "type": "record",
+            "name": "Evt",
+            "fields": [
+                {"name": "id", "type": "long"},
+                {"name": f"f_{tag}", "type": ["null", "string"], "default": None},
+            ],
+        }
+    )
 
 
 def _worker(url: str, index: int, barrier: Barrier, out: Any) -> None:

@@ -14,15 +14,21 @@ V1_JSON = "application/vnd.schemaregistry.v1+json"
 
 
 def avro(fields: list[dict[str, Any]], name: str = "User", **extra: Any) -> str:
-    return json.dumps({"type": "record", "name": name, "namespace": "ex", "fields": fields, **extra})
+    return json.dumps(
+        {"type": "record", "name": name, "namespace": "ex", "fields": fields, **extra}
+    )
 
 
 USER_V1 = avro([{"name": "id", "type": "long"}])
-USER_V2 = avro([{"name": "id", "type": "long"}, {"name": "email", "type": ["null", "string"], "default": None}])
+USER_V2 = avro(
+    [{"name": "id", "type": "long"}, {"name": "email", "type": ["null", "string"], "default": None}]
+)
 USER_BAD = avro([{"name": "id", "type": "long"}, {"name": "age", "type": "int"}])
 
 
-async def register(client: httpx.AsyncClient, subject: str, schema: str, **extra: Any) -> httpx.Response:
+async def register(
+    client: httpx.AsyncClient, subject: str, schema: str, **extra: Any
+) -> httpx.Response:
     return await client.post(f"/subjects/{subject}/versions", json={"schema": schema, **extra})
 
 
@@ -72,16 +78,29 @@ async def test_register_is_content_addressed_and_global(client: httpx.AsyncClien
     # Re-registering: same id, no new version.
     assert (await register(client, "users-value", USER_V1)).json() == {"id": 1}
     # Same schema in another presentation (key order, whitespace, full name, doc) and subject.
-    variant = json.dumps({"fields": [{"type": {"type": "long"}, "name": "id", "doc": "d"}],
-                          "type": "record", "name": "ex.User"}, indent=2)
+    variant = json.dumps(
+        {
+            "fields": [{"type": {"type": "long"}, "name": "id", "doc": "d"}],
+            "type": "record",
+            "name": "ex.User",
+        },
+        indent=2,
+    )
     assert (await register(client, "other-subject", variant)).json() == {"id": 1}
     assert (await client.get("/subjects/users-value/versions")).json() == [1]
     r = await register(client, "users-value", USER_V2)
     assert r.json() == {"id": 2}
     assert (await client.get("/subjects/users-value/versions")).json() == [1, 2]
     # Unknown request fields are tolerated.
-    r = await register(client, "users-value", USER_V2, metadata={"properties": {"a": "b"}},
-                       ruleSet={"domainRules": []}, schemaType="AVRO", references=[])
+    r = await register(
+        client,
+        "users-value",
+        USER_V2,
+        metadata={"properties": {"a": "b"}},
+        ruleSet={"domainRules": []},
+        schemaType="AVRO",
+        references=[],
+    )
     assert r.json() == {"id": 2}
 
 
@@ -143,7 +162,11 @@ async def test_list_schemas_and_subjects(client: httpx.AsyncClient) -> None:
     assert (await client.get("/subjects?subjectPrefix=a")).json() == ["a-value"]
     assert (await client.get("/subjects?offset=1&limit=1")).json() == ["b-value"]
     schemas = (await client.get("/schemas")).json()
-    assert [(s["subject"], s["version"]) for s in schemas] == [("a-value", 1), ("a-value", 2), ("b-value", 1)]
+    assert [(s["subject"], s["version"]) for s in schemas] == [
+        ("a-value", 1),
+        ("a-value", 2),
+        ("b-value", 1),
+    ]
     assert all(set(s) == {"subject", "version", "id", "schema"} for s in schemas)
     latest = (await client.get("/schemas?latestOnly=true")).json()
     assert [(s["subject"], s["version"]) for s in latest] == [("a-value", 2), ("b-value", 1)]
@@ -207,17 +230,32 @@ async def test_ids_only_grow_after_permanent_delete(client: httpx.AsyncClient) -
 
 
 async def test_references(client: httpx.AsyncClient) -> None:
-    address = json.dumps({"type": "record", "name": "Address", "namespace": "ex",
-                          "fields": [{"name": "street", "type": "string"}]})
-    person = json.dumps({"type": "record", "name": "Person", "namespace": "ex",
-                         "fields": [{"name": "home", "type": "Address"}]})
+    address = json.dumps(
+        {
+            "type": "record",
+            "name": "Address",
+            "namespace": "ex",
+            "fields": [{"name": "street", "type": "string"}],
+        }
+    )
+    person = json.dumps(
+        {
+            "type": "record",
+            "name": "Person",
+            "namespace": "ex",
+            "fields": [{"name": "home", "type": "Address"}],
+        }
+    )
     addr_id = (await register(client, "address", address)).json()["id"]
     refs = [{"name": "ex.Address", "subject": "address", "version": 1}]
     error(await register(client, "person", person), 422, 42201)  # unresolved without refs
     r = await register(client, "person", person, references=refs)
     person_id = r.json()["id"]
     assert person_id != addr_id
-    assert (await client.get(f"/schemas/ids/{person_id}")).json() == {"schema": person, "references": refs}
+    assert (await client.get(f"/schemas/ids/{person_id}")).json() == {
+        "schema": person,
+        "references": refs,
+    }
     v = (await client.get("/subjects/person/versions/1")).json()
     assert v["references"] == refs
     assert (await client.get("/subjects/address/versions/1/referencedby")).json() == [person_id]
@@ -244,8 +282,12 @@ async def test_config(client: httpx.AsyncClient) -> None:
     assert (await client.get("/config")).json() == {"compatibilityLevel": "FULL"}
     error(await client.put("/config", json={"compatibility": "SIDEWAYS"}), 422, 42203)
     error(await client.get("/config/s"), 404, 40408)
-    assert (await client.get("/config/s?defaultToGlobal=true")).json() == {"compatibilityLevel": "FULL"}
-    assert (await client.put("/config/s", json={"compatibility": "NONE"})).json() == {"compatibility": "NONE"}
+    assert (await client.get("/config/s?defaultToGlobal=true")).json() == {
+        "compatibilityLevel": "FULL"
+    }
+    assert (await client.put("/config/s", json={"compatibility": "NONE"})).json() == {
+        "compatibility": "NONE"
+    }
     assert (await client.get("/config/s")).json() == {"compatibilityLevel": "NONE"}
     assert (await client.delete("/config/s")).json() == {"compatibilityLevel": "NONE"}
     error(await client.delete("/config/s"), 404, 40401)
@@ -284,27 +326,61 @@ async def test_compatibility_endpoint(client: httpx.AsyncClient) -> None:
     await register(client, "s", USER_V1)
     r = await client.post("/compatibility/subjects/s/versions/latest", json={"schema": USER_V2})
     assert r.json() == {"is_compatible": True}
-    r = await client.post("/compatibility/subjects/s/versions/1?verbose=true", json={"schema": USER_V2})
+    r = await client.post(
+        "/compatibility/subjects/s/versions/1?verbose=true", json={"schema": USER_V2}
+    )
     assert r.json() == {"is_compatible": True}
     r = await client.post("/compatibility/subjects/s/versions/latest", json={"schema": USER_BAD})
     assert r.json() == {"is_compatible": False}
-    r = await client.post("/compatibility/subjects/s/versions?verbose=true", json={"schema": USER_BAD})
+    r = await client.post(
+        "/compatibility/subjects/s/versions?verbose=true", json={"schema": USER_BAD}
+    )
     body = r.json()
     assert body["is_compatible"] is False
-    assert any("READER_FIELD_MISSING_DEFAULT_VALUE" in m and "/fields/1" in m for m in body["messages"])
-    error(await client.post("/compatibility/subjects/s/versions/5", json={"schema": USER_V2}), 404, 40402)
-    error(await client.post("/compatibility/subjects/s/versions/x", json={"schema": USER_V2}), 422, 42202)
-    error(await client.post("/compatibility/subjects/s/versions/latest", json={"schema": "{"}), 422, 42201)
+    assert any(
+        "READER_FIELD_MISSING_DEFAULT_VALUE" in m and "/fields/1" in m for m in body["messages"]
+    )
+    error(
+        await client.post("/compatibility/subjects/s/versions/5", json={"schema": USER_V2}),
+        404,
+        40402,
+    )
+    error(
+        await client.post("/compatibility/subjects/s/versions/x", json={"schema": USER_V2}),
+        422,
+        42202,
+    )
+    error(
+        await client.post("/compatibility/subjects/s/versions/latest", json={"schema": "{"}),
+        422,
+        42201,
+    )
 
 
 async def test_invalid_requests(client: httpx.AsyncClient) -> None:
-    message = error(await register(client, "s", "syntax = 'proto3';", schemaType="PROTOBUF"), 422, 42201)
+    message = error(
+        await register(client, "s", "syntax = 'proto3';", schemaType="PROTOBUF"), 422, 42201
+    )
     assert "AVRO" in message and "PROTOBUF" in message
-    error(await register(client, "s", json.dumps({"type": "record", "name": "R", "fields": [
-        {"name": "a", "type": ["null", "int"], "default": 1}]})), 422, 42201)
+    error(
+        await register(
+            client,
+            "s",
+            json.dumps(
+                {
+                    "type": "record",
+                    "name": "R",
+                    "fields": [{"name": "a", "type": ["null", "int"], "default": 1}],
+                }
+            ),
+        ),
+        422,
+        42201,
+    )
     error(await client.post("/subjects/s/versions", json={}), 422, 42201)
-    r = await client.post("/subjects/s/versions", content=b"{not json",
-                          headers={"Content-Type": "application/json"})
+    r = await client.post(
+        "/subjects/s/versions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     error(r, 500, 50005)
     big = avro([{"name": f"f{i}", "type": "string", "doc": "x" * 100} for i in range(1000)])
     error(await register(client, "s", big), 422, 42209)
@@ -317,7 +393,9 @@ async def test_invalid_requests(client: httpx.AsyncClient) -> None:
 async def test_percent_encoded_subjects(client: httpx.AsyncClient) -> None:
     subject = "team/orders:value"
     encoded = "team%2Forders%3Avalue"
-    assert (await client.post(f"/subjects/{encoded}/versions", json={"schema": '"int"'})).status_code == 200
+    assert (
+        await client.post(f"/subjects/{encoded}/versions", json={"schema": '"int"'})
+    ).status_code == 200
     assert (await client.get("/subjects")).json() == [subject]
     assert (await client.get(f"/subjects/{encoded}/versions/latest")).json()["subject"] == subject
 
@@ -345,7 +423,9 @@ async def test_modes(client: httpx.AsyncClient) -> None:
 async def test_import_mode_keeps_ids(client: httpx.AsyncClient) -> None:
     await register(client, "existing", USER_V1)
     error(await client.put("/mode", json={"mode": "IMPORT"}), 422, 42205)
-    assert (await client.put("/mode?force=true", json={"mode": "IMPORT"})).json() == {"mode": "IMPORT"}
+    assert (await client.put("/mode?force=true", json={"mode": "IMPORT"})).json() == {
+        "mode": "IMPORT"
+    }
     # Without an id, IMPORT refuses plain registration; with one, it keeps it (and skips checks).
     error(await register(client, "imp", '"string"'), 422, 42205)
     assert (await register(client, "imp", '"string"', id=100, version=3)).json() == {"id": 100}
@@ -361,9 +441,12 @@ async def test_import_mode_keeps_ids(client: httpx.AsyncClient) -> None:
 async def test_auth_on_api(app: Any) -> None:
     from conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN
 
-    def c(auth: httpx.Auth | None = None, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r",
-                                 auth=auth, headers=headers)
+    def c(
+        auth: httpx.Auth | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://r", auth=auth, headers=headers
+        )
 
     async with c() as anon:
         error(await anon.get("/subjects"), 401, 40101)
@@ -385,3 +468,12 @@ async def test_auth_on_api(app: Any) -> None:
         assert (await admin.get("/schemas/ids/1")).status_code == 200
     async with c(headers={"Authorization": "Basic !!!"}) as garbage:
         error(await garbage.get("/schemas/ids/1"), 401, 40101)
+
+
+async def test_permanent_delete_evicts_the_id_cache(client: httpx.AsyncClient) -> None:
+    await register(client, "s", USER_V1)
+    assert (await client.get("/schemas/ids/1")).status_code == 200  # now cached
+    await client.delete("/subjects/s")
+    assert (await client.get("/schemas/ids/1")).status_code == 200  # soft: still served
+    await client.delete("/subjects/s?permanent=true")
+    error(await client.get("/schemas/ids/1"), 404, 40403)

@@ -47,44 +47,84 @@ def key(schema: object) -> str:
         (["null", "null"], "duplicate union branch"),
         (["null", ["int"]], "immediately contain a union"),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "a", "type": ["null", "string"], "default": "x"}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [{"name": "a", "type": ["null", "string"], "default": "x"}],
+            },
             "first branch",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "a", "type": ["string", "null"], "default": None}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [{"name": "a", "type": ["string", "null"], "default": None}],
+            },
             "first branch",
         ),
         (
-            {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int", "default": "1"}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [{"name": "a", "type": "int", "default": "1"}],
+            },
             "not a valid int",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "a", "type": "int", "default": 2**31}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [{"name": "a", "type": "int", "default": 2**31}],
+            },
             "not a valid int",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "a", "type": {"type": "array", "items": "int"}, "default": [1, "x"]}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [
+                    {"name": "a", "type": {"type": "array", "items": "int"}, "default": [1, "x"]}
+                ],
+            },
             "not a valid int",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["A"]},
-                 "default": "Z"}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [
+                    {
+                        "name": "e",
+                        "type": {"type": "enum", "name": "E", "symbols": ["A"]},
+                        "default": "Z",
+                    }
+                ],
+            },
             "not a symbol",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "f", "type": {"type": "fixed", "name": "F", "size": 2}, "default": "abc"}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [
+                    {
+                        "name": "f",
+                        "type": {"type": "fixed", "name": "F", "size": 2},
+                        "default": "abc",
+                    }
+                ],
+            },
             "fixed",
         ),
         (
-            {"type": "record", "name": "R", "fields": [
-                {"name": "a", "type": "int"},
-                {"name": "r", "type": {"type": "record", "name": "R", "fields": []}}]},
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [
+                    {"name": "a", "type": "int"},
+                    {"name": "r", "type": {"type": "record", "name": "R", "fields": []}},
+                ],
+            },
             "defined more than once",
         ),
         ({"type": "record", "name": "int", "fields": []}, "primitive"),
@@ -108,8 +148,11 @@ def test_valid_defaults_and_named_references() -> None:
             {"name": "price", "type": "double", "default": 1},
             {"name": "raw", "type": "bytes", "default": "\u00ff"},
             {"name": "next", "type": ["null", "Order"], "default": None},
-            {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["A", "B"]},
-             "default": "A"},
+            {
+                "name": "kind",
+                "type": {"type": "enum", "name": "Kind", "symbols": ["A", "B"]},
+                "default": "A",
+            },
             {"name": "kind2", "type": "shop.Kind", "default": "B"},
         ],
     }
@@ -118,17 +161,34 @@ def test_valid_defaults_and_named_references() -> None:
 
 
 def test_references_supply_named_types() -> None:
-    address = parse_schema(json.dumps({"type": "record", "name": "Address", "namespace": "ex",
-                                        "fields": [{"name": "street", "type": "string"}]}))
+    address = parse_schema(
+        json.dumps(
+            {
+                "type": "record",
+                "name": "Address",
+                "namespace": "ex",
+                "fields": [{"name": "street", "type": "string"}],
+            }
+        )
+    )
     person = parse_schema(
-        json.dumps({"type": "record", "name": "Person", "namespace": "ex",
-                    "fields": [{"name": "home", "type": "Address"}]}),
+        json.dumps(
+            {
+                "type": "record",
+                "name": "Person",
+                "namespace": "ex",
+                "fields": [{"name": "home", "type": "Address"}],
+            }
+        ),
         address.defined,
     )
     assert "ex.Address" not in person.defined
     with pytest.raises(SchemaParseError, match="unknown type"):
-        parse_schema(json.dumps({"type": "record", "name": "P", "fields": [
-            {"name": "home", "type": "ex.Address"}]}))
+        parse_schema(
+            json.dumps(
+                {"type": "record", "name": "P", "fields": [{"name": "home", "type": "ex.Address"}]}
+            )
+        )
 
 
 CANONICAL_EXAMPLES = [
@@ -136,12 +196,23 @@ CANONICAL_EXAMPLES = [
     {"type": "string"},
     {"type": "string", "doc": "ignored"},
     ["null", {"type": "int"}],
-    {"type": "record", "name": "R", "namespace": "a.b", "doc": "x",
-     "fields": [{"name": "f", "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]},
-                 "default": "X", "doc": "d"},
-                {"name": "g", "type": "E"},
-                {"name": "h", "type": {"type": "fixed", "name": "c.F", "size": 3}},
-                {"name": "m", "type": {"type": "map", "values": {"type": "array", "items": "long"}}}]},
+    {
+        "type": "record",
+        "name": "R",
+        "namespace": "a.b",
+        "doc": "x",
+        "fields": [
+            {
+                "name": "f",
+                "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]},
+                "default": "X",
+                "doc": "d",
+            },
+            {"name": "g", "type": "E"},
+            {"name": "h", "type": {"type": "fixed", "name": "c.F", "size": 3}},
+            {"name": "m", "type": {"type": "map", "values": {"type": "array", "items": "long"}}},
+        ],
+    },
 ]
 
 
@@ -152,10 +223,18 @@ def test_parsing_canonical_form_matches_fastavro(schema: object) -> None:
 
 
 def test_identity_key_canonicalises_presentation_only() -> None:
-    a = {"type": "record", "name": "User", "namespace": "ex",
-         "fields": [{"name": "id", "type": "string"}]}
-    b = {"fields": [{"type": {"type": "string"}, "name": "id", "doc": "the id"}],
-         "name": "ex.User", "type": "record", "doc": "a user"}
+    a = {
+        "type": "record",
+        "name": "User",
+        "namespace": "ex",
+        "fields": [{"name": "id", "type": "string"}],
+    }
+    b = {
+        "fields": [{"type": {"type": "string"}, "name": "id", "doc": "the id"}],
+        "name": "ex.User",
+        "type": "record",
+        "doc": "a user",
+    }
     assert key(a) == key(b)
     assert key("string") == key({"type": "string"})
     # Resolution-relevant differences keep schemas apart even though PCF merges them.
@@ -176,8 +255,13 @@ def _records(draw: st.DrawFn) -> dict[str, object]:
     names = draw(st.lists(_names, min_size=1, max_size=5, unique=True))
     fields = []
     for n in names:
-        t = draw(st.one_of(_prims, st.builds(lambda p: {"type": "array", "items": p}, _prims),
-                           st.builds(lambda p: ["null", p], _prims.filter(lambda p: p != "null"))))
+        t = draw(
+            st.one_of(
+                _prims,
+                st.builds(lambda p: {"type": "array", "items": p}, _prims),
+                st.builds(lambda p: ["null", p], _prims.filter(lambda p: p != "null")),
+            )
+        )
         fields.append({"name": n, "type": t})
     return {"type": "record", "name": draw(_names).capitalize() or "R", "fields": fields}
 

@@ -72,9 +72,7 @@ def test_locations_name_the_offending_path() -> None:
 
 
 def _versions(*schemas: object) -> list[ExistingSchema]:
-    return [
-        ExistingSchema(i + 1, parse(s), json.dumps(s)) for i, s in enumerate(schemas)
-    ]
+    return [ExistingSchema(i + 1, parse(s), json.dumps(s)) for i, s in enumerate(schemas)]
 
 
 # v1 has field a; v2 drops a (a had no default); v3 = new schema that reads v2 but not v1.

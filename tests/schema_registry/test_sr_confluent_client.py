@@ -19,30 +19,49 @@ pytestmark = pytest.mark.integration
 
 TOPIC = "orders"
 CTX = SerializationContext(TOPIC, MessageField.VALUE)
-ORDER_V1 = json.dumps({
-    "type": "record", "name": "Order", "namespace": "bilten.shop",
-    "fields": [
-        {"name": "id", "type": "long"},
-        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal",
-                                    "precision": 10, "scale": 2}},
-        {"name": "status", "type": {"type": "enum", "name": "Status", "symbols": ["NEW", "PAID"]}},
-    ],
-})
-ORDER_V2 = json.dumps({
-    "type": "record", "name": "Order", "namespace": "bilten.shop",
-    "fields": [
-        *json.loads(ORDER_V1)["fields"],
-        {"name": "coupon", "type": ["null", "string"], "default": None},
-    ],
-})
-ORDER_V3_BAD = json.dumps({
-    "type": "record", "name": "Order", "namespace": "bilten.shop",
-    "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal",
-                                    "precision": 10, "scale": 2}},
-    ],
-})
+ORDER_V1 = json.dumps(
+    {
+        "type": "record",
+        "name": "Order",
+        "namespace": "bilten.shop",
+        "fields": [
+            {"name": "id", "type": "long"},
+            {
+                "name": "amount",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2},
+            },
+            {
+                "name": "status",
+                "type": {"type": "enum", "name": "Status", "symbols": ["NEW", "PAID"]},
+            },
+        ],
+    }
+)
+ORDER_V2 = json.dumps(
+    {
+        "type": "record",
+        "name": "Order",
+        "namespace": "bilten.shop",
+        "fields": [
+            *json.loads(ORDER_V1)["fields"],
+            {"name": "coupon", "type": ["null", "string"], "default": None},
+        ],
+    }
+)
+ORDER_V3_BAD = json.dumps(
+    {
+        "type": "record",
+        "name": "Order",
+        "namespace": "bilten.shop",
+        "fields": [
+            {"name": "id", "type": "string"},
+            {
+                "name": "amount",
+                "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2},
+            },
+        ],
+    }
+)
 
 
 @pytest.fixture
@@ -77,18 +96,24 @@ def test_schema_evolution_old_data_new_reader(url: str) -> None:
     from decimal import Decimal
 
     client = sr(url)
-    old_bytes = AvroSerializer(client, ORDER_V1)({"id": 1, "amount": Decimal("1.00"),
-                                                 "status": "NEW"}, CTX)
+    old_bytes = AvroSerializer(client, ORDER_V1)(
+        {"id": 1, "amount": Decimal("1.00"), "status": "NEW"}, CTX
+    )
     # v2 adds an optional field: accepted under the default BACKWARD level.
     v2_id = client.register_schema(f"{TOPIC}-value", Schema(ORDER_V2, "AVRO"))
     assert client.get_versions(f"{TOPIC}-value") == [1, 2]
-    new_bytes = AvroSerializer(client, ORDER_V2)({"id": 2, "amount": Decimal("2.00"),
-                                                 "status": "PAID", "coupon": "X"}, CTX)
+    new_bytes = AvroSerializer(client, ORDER_V2)(
+        {"id": 2, "amount": Decimal("2.00"), "status": "PAID", "coupon": "X"}, CTX
+    )
     assert new_bytes is not None and int.from_bytes(new_bytes[1:5], "big") == v2_id
     # A consumer with the v2 reader schema reads v1 data: the default fills the new field.
     reader = AvroDeserializer(sr(url), ORDER_V2)
-    assert reader(old_bytes, CTX) == {"id": 1, "amount": Decimal("1.00"), "status": "NEW",
-                                      "coupon": None}
+    assert reader(old_bytes, CTX) == {
+        "id": 1,
+        "amount": Decimal("1.00"),
+        "status": "NEW",
+        "coupon": None,
+    }
     assert reader(new_bytes, CTX)["coupon"] == "X"
     # An incompatible v3 is refused with 409 / 40901.
     with pytest.raises(SchemaRegistryError) as refused:
@@ -126,11 +151,18 @@ def test_client_api_surface(url: str) -> None:
     assert client.delete_subject("copy-value", permanent=True) == [1]
     assert client.get_subjects(deleted=True) == [subject]
     # References through the client.
-    status = json.dumps({"type": "enum", "name": "Currency", "namespace": "bilten",
-                         "symbols": ["EUR", "USD"]})
+    status = json.dumps(
+        {"type": "enum", "name": "Currency", "namespace": "bilten", "symbols": ["EUR", "USD"]}
+    )
     client.register_schema("currency", Schema(status, "AVRO"))
-    price = json.dumps({"type": "record", "name": "Price", "namespace": "bilten",
-                        "fields": [{"name": "currency", "type": "Currency"}]})
+    price = json.dumps(
+        {
+            "type": "record",
+            "name": "Price",
+            "namespace": "bilten",
+            "fields": [{"name": "currency", "type": "Currency"}],
+        }
+    )
     ref = SchemaReference("bilten.Currency", "currency", 1)
     price_id = client.register_schema("price", Schema(price, "AVRO", [ref]))
     assert client.get_referenced_by("currency", 1) == [price_id]
@@ -141,13 +173,15 @@ def test_client_api_surface(url: str) -> None:
 
 
 def test_auth_with_confluent_clients(url: str) -> None:
-    bearer = SchemaRegistryClient({
-        "url": url,
-        "bearer.auth.credentials.source": "STATIC_TOKEN",
-        "bearer.auth.token": ADMIN_TOKEN,
-        "bearer.auth.logical.cluster": "lsrc-local",
-        "bearer.auth.identity.pool.id": "pool-local",
-    })
+    bearer = SchemaRegistryClient(
+        {
+            "url": url,
+            "bearer.auth.credentials.source": "STATIC_TOKEN",
+            "bearer.auth.token": ADMIN_TOKEN,
+            "bearer.auth.logical.cluster": "lsrc-local",
+            "bearer.auth.identity.pool.id": "pool-local",
+        }
+    )
     assert bearer.register_schema("auth-value", Schema('"string"', "AVRO")) >= 1
     reader = sr(url, READ_TOKEN)
     assert reader.get_latest_version("auth-value").version == 1
@@ -168,8 +202,9 @@ def test_serializer_without_auto_register_uses_lookup_and_latest(url: str) -> No
     record = {"id": 3, "amount": Decimal("3.00"), "status": "NEW"}
     payload = lookup(record, CTX)
     assert payload is not None and payload[0] == 0
-    latest = AvroSerializer(sr(url), None, conf={"auto.register.schemas": False,
-                                                 "use.latest.version": True})
+    latest = AvroSerializer(
+        sr(url), None, conf={"auto.register.schemas": False, "use.latest.version": True}
+    )
     assert latest(record, CTX) == payload
     with pytest.raises(Exception, match=r"40403|not found|Schema not found"):
         AvroSerializer(sr(url), ORDER_V2, conf={"auto.register.schemas": False})(
