@@ -8,7 +8,8 @@ REALTIME (--realtime): the production stream config (kafka30 consumer factory, C
 Schema Registry Avro decoder, read_committed) on a fresh topic of the Kafka on --kafka, with a
 tiny in-process schema registry stub answering `GET /schemas/ids/{id}`. A transactional
 producer commits 5 Confluent-framed Avro records and 1 record without the magic byte, then
-aborts 2 more records; Pinot must count exactly 5 (junk dropped, aborted records not read).
+aborts 2 records, then commits 1 more; Pinot must count exactly 6 (junk dropped, aborted
+records not read, consumption goes on past the aborted batch).
 Needs confluent-kafka and fastavro (the repo .venv has both).
 
 Exit 0 on success, 1 on failure; prints one line per check. Only the standard library is
@@ -164,7 +165,8 @@ class _Registry(BaseHTTPRequestHandler):
         pass
 
 
-def realtime(controller: str, broker: str, bootstrap: str, keep: bool) -> None:
+def realtime(controller: str, broker: str, bootstrap: str, keep: bool,
+             isolation: str = "read_committed") -> None:
     try:
         import fastavro
         from confluent_kafka import Producer
@@ -173,7 +175,7 @@ def realtime(controller: str, broker: str, bootstrap: str, keep: bool) -> None:
         check(False, f"--realtime needs confluent-kafka and fastavro ({exc})")
         return
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000, "log_level": 0})
     try:
         admin.list_topics(timeout=5)
     except Exception as exc:  # noqa: BLE001
@@ -210,8 +212,13 @@ def realtime(controller: str, broker: str, bootstrap: str, keep: bool) -> None:
     producer.begin_transaction()
     producer.produce(topic, key=b"u9", value=frame("u9", "buy", 1000.0, 1700000009000))
     producer.produce(topic, key=b"u9", value=frame("u9", "buy", 2000.0, 1700000010000))
+    producer.flush(30)  # make the aborted records reach the log (abort alone purges unsent ones)
     producer.abort_transaction(30)
-    check(True, f"produced {len(ROWS)} committed Avro + 1 junk (no magic byte) + 2 aborted records")
+    producer.begin_transaction()  # committed after the aborted batch: consumption must go past it
+    producer.produce(topic, key=b"u4", value=frame("u4", "buy", 7.25, 1700000011000))
+    producer.commit_transaction(30)
+    check(True, f"produced {len(ROWS)} committed Avro + 1 junk (no magic byte), then 2 aborted, "
+                f"then 1 committed record")
 
     drop(controller, REALTIME, "realtime")
     status, body = post_json(f"{controller}/schemas", schema(REALTIME))
@@ -227,7 +234,7 @@ def realtime(controller: str, broker: str, bootstrap: str, keep: bool) -> None:
             "org.apache.pinot.plugin.inputformat.avro.confluent."
             "KafkaConfluentSchemaRegistryAvroMessageDecoder",
         "stream.kafka.decoder.prop.schema.registry.rest.url": registry_url,
-        "stream.kafka.isolation.level": "read_committed",
+        "stream.kafka.isolation.level": isolation,
         "stream.kafka.consumer.prop.auto.offset.reset": "smallest",
         "realtime.segment.flush.threshold.rows": "100000",
         "realtime.segment.flush.threshold.time": "6h",
@@ -241,11 +248,11 @@ def realtime(controller: str, broker: str, bootstrap: str, keep: bool) -> None:
     t0 = time.monotonic()
     status, body = post_json(f"{controller}/tables", table)
     check(status == 200, f"POST /tables {REALTIME}_REALTIME (kafka30 factory, Confluent decoder, "
-                         f"read_committed): {status} {body}")
-    row, waited = wait_count(broker, REALTIME, len(ROWS), 90)
+                         f"{isolation}): {status} {body}")
+    row, waited = wait_count(broker, REALTIME, len(ROWS) + 1, 90)
     time.sleep(3)  # give aborted / junk records a chance to show up wrongly
     again = query(broker, f"select count(*), sum(revenue) from {REALTIME}")["resultTable"]["rows"][0]
-    check(again[0] == 5 and abs(again[1] - 12.75) < 1e-9,
+    check(again[0] == 6 and abs(again[1] - 20.0) < 1e-9,
           f"broker: select count(*), sum(revenue) from {REALTIME} -> {again} "
           f"(first seen {time.monotonic() - t0 - 3:.1f} s after table creation, {waited:.1f} s of polling)")
     check(any(h.startswith(f"/schemas/ids/{schema_id}") for h in _Registry.hits),

@@ -77,7 +77,7 @@ async def start_envoy(
     )
 
 
-async def wait_until_ready(admin_port: int, timeout: float = 30.0) -> None:
+async def wait_until_ready(admin_port: int, timeout: float = 120.0) -> None:
     """Polls Envoy's admin /ready until it says LIVE."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -280,20 +280,27 @@ class _Query:
         return clauses
 
 
-def _use_bitmaps(store: EventStore, scope: Scope, groups_per_tenant: int) -> bool:
-    """Whether distinct-user bitmaps fit the memory budget.
+def _bitmap_bytes(store: EventStore, scope: Scope) -> int:
+    """Memory of one bucket's distinct-user bitmaps, for the whole scope.
 
     DuckDB sizes each bitmap from the column statistics of `actor_key`, i.e. up to the
-    largest key of any tenant; with every tenant in scope, each tenant has its own
-    groups.
+    largest key of any tenant; with every tenant in scope, each tenant has its own.
     """
-    stats = store.read(
-        f"SELECT coalesce(max(actor_key), 0) + 1 AS width,"
-        f" count(DISTINCT tenant_id) AS tenants FROM {ACTORS_TABLE}"
-    )
+    if scope.tenant_id is not None:
+        stats = store.read(f"SELECT coalesce(max(actor_key), 0) + 1 AS width FROM {ACTORS_TABLE}")
+        tenants = 1
+    else:
+        stats = store.read(
+            f"SELECT coalesce(max(actor_key), 0) + 1 AS width,"
+            f" count(DISTINCT tenant_id) AS tenants FROM {ACTORS_TABLE}"
+        )
+        tenants = max(1, int(stats.column("tenants")[0].as_py()))
     width = int(stats.column("width")[0].as_py())
-    tenants = 1 if scope.tenant_id is not None else max(1, int(stats.column("tenants")[0].as_py()))
-    return groups_per_tenant * tenants * (width // 8 + 1) <= BITMAP_BUDGET_BYTES
+    return tenants * (width // 8 + 1)
+
+
+def _fits(bitmap_bytes: int, groups: int) -> bool:
+    return groups * bitmap_bytes <= BITMAP_BUDGET_BYTES
 
 
 def _distinct_users(bitmaps: bool, condition: str | None = None) -> str:
@@ -387,7 +394,8 @@ def active_users(
 ) -> ActiveUsers:
     """Distinct users per bucket, and DAU / WAU / MAU as of the range end."""
     starts = bucket_starts(time_range, granularity)
-    bitmaps = _use_bitmaps(store, scope, len(starts))
+    bitmap_bytes = _bitmap_bytes(store, scope)
+    bitmaps = _fits(bitmap_bytes, len(starts))
     query = _Query()
     where = query.where(scope, time_range.start, time_range.end, filters)
     per_bucket = {
@@ -406,7 +414,7 @@ def active_users(
     trailing_where = trailing.where(scope, end - timedelta(days=30), end, filters)
     day_start = trailing.bind("day_start", end - timedelta(days=1))
     week_start = trailing.bind("week_start", end - timedelta(days=7))
-    bitmaps = _use_bitmaps(store, scope, 3)
+    bitmaps = _fits(bitmap_bytes, 3)
     (totals,) = _grouped(
         store,
         scope,
@@ -439,7 +447,7 @@ def conversions(
 ) -> tuple[ConversionRow, ...]:
     """Per bucket: conversion events, converting users, active users and the rate."""
     starts = bucket_starts(time_range, granularity)
-    bitmaps = _use_bitmaps(store, scope, len(starts))
+    bitmaps = _fits(_bitmap_bytes(store, scope), len(starts))
     query = _Query()
     # Active users see only the scope, time and ticketed event; the event filters
     # narrow which conversions count (see the module docstring).
@@ -539,7 +547,7 @@ def geography(
 
     No granularity: a map shows one period. Ordered by events, most first.
     """
-    bitmaps = _use_bitmaps(store, scope, _MAX_COUNTRIES)
+    bitmaps = _fits(_bitmap_bytes(store, scope), _MAX_COUNTRIES)
     query = _Query()
     where = query.where(scope, time_range.start, time_range.end, filters)
     counts = _grouped(

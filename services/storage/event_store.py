@@ -29,7 +29,7 @@ Durability (verified with strace on DuckDB 2.0.1, Linux): `COMMIT` writes the WA
 (also `fdatasync`ed) and the WAL only records where it is. So when `append` returns, the
 rows survive a process kill (tests/storage/test_durability.py SIGKILLs a writer). DuckDB
 does not fsync the directory when it re-creates the WAL after a checkpoint deleted it;
-for power loss `append` fsyncs the directory whenever the WAL file is new. Checkpoints
+for power loss `append` fsyncs the directory after each commit. Checkpoints
 run automatically when the WAL passes `checkpoint_threshold` (16 MiB), inside the commit
 that crossed it, and on `close()`. `fsync_mode` is set explicitly (FULL on macOS, where
 plain fsync does not flush the disk cache).
@@ -220,9 +220,7 @@ class DuckDBEventStore:
         self._actor_keys: dict[str, dict[str, int]] = {}
         self._next_actor_key: dict[str, int] = {}
         self._load_actor_keys()
-        self._wal_path = self.path.with_name(self.path.name + ".wal")
-        self._synced_wal_inode: int | None = None
-        self._fsync_directory()
+        self._fsync_directory()  # the new file's own directory entry
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -311,7 +309,12 @@ class DuckDBEventStore:
             ):
                 self._actor_keys.setdefault(tenant_id, {})[actor_id] = key
                 self._next_actor_key[tenant_id] = key + 1
-        self._sync_new_wal()
+            # Every checkpoint deletes the WAL and the next commit creates it again;
+            # DuckDB fsyncs its content but not the directory entry, so a power cut
+            # could lose a new WAL with acknowledged batches in it. Syncing a directory
+            # with nothing dirty costs microseconds, so it is done after every commit
+            # rather than guessed from inode numbers (which the filesystem reuses).
+            self._fsync_directory()
 
     def _assign_actor_keys(self, table: pa.Table) -> tuple[pa.Array, pa.Table]:
         """Per-row actor keys, and the (tenant_id, actor_id, actor_key) rows not yet known.
@@ -382,18 +385,6 @@ class DuckDBEventStore:
             for view in ("_bilten_batch", "_bilten_actors"):
                 with contextlib.suppress(duckdb.Error):
                     cursor.unregister(view)
-
-    def _sync_new_wal(self) -> None:
-        # The WAL file is deleted by every checkpoint and created again by the next
-        # commit; DuckDB fsyncs its content but not the directory entry. Without this a
-        # power cut could lose the whole new WAL, i.e. acknowledged batches.
-        try:
-            inode = os.stat(self._wal_path).st_ino
-        except FileNotFoundError:
-            return  # the commit checkpointed straight into the database file
-        if inode != self._synced_wal_inode:
-            self._fsync_directory()
-            self._synced_wal_inode = inode
 
     def _fsync_directory(self) -> None:
         descriptor = os.open(self.path.parent, os.O_RDONLY)

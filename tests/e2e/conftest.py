@@ -56,7 +56,7 @@ def start_system(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
         stderr=subprocess.STDOUT,
     )
     rest_url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150
     credentials_path = data_dir / "credentials.json"
     while True:
         if process.poll() is not None:
@@ -72,7 +72,7 @@ def start_system(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
                 pass
         if time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"`up` not ready in 60 s:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"`up` not ready in 150 s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
     credentials = json.loads(credentials_path.read_text())
     return RunningSystem(
@@ -91,7 +91,7 @@ def stop_system(system: RunningSystem) -> int | None:
         return None
     system.process.send_signal(signal.SIGINT)
     try:
-        return system.process.wait(timeout=30)
+        return system.process.wait(timeout=90)
     except subprocess.TimeoutExpired:
         system.process.kill()
         raise

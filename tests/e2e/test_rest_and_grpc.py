@@ -19,7 +19,8 @@ from grpc_status import rpc_status
 from tests.conftest import tracked_event
 from tests.e2e.conftest import RunningSystem
 
-pytestmark = pytest.mark.e2e
+# One worker runs the e2e tier: two `up` systems at once overload a 2-core box.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 
 def _iso(value: datetime) -> str:

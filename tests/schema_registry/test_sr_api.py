@@ -439,7 +439,7 @@ async def test_import_mode_keeps_ids(client: httpx.AsyncClient) -> None:
 
 
 async def test_auth_on_api(app: Any) -> None:
-    from conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN
+    from tests.schema_registry.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN
 
     def c(
         auth: httpx.Auth | None = None, headers: dict[str, str] | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from compatibility_cases import CASES, PAIRS, Case, arr, enum, fld, rec
 
 from schema_registry.avro_schema import parse_schema
 from schema_registry.compatibility import (
@@ -15,6 +14,7 @@ from schema_registry.compatibility import (
     check_level,
     reader_incompatibilities,
 )
+from tests.schema_registry.compatibility_cases import CASES, PAIRS, Case, arr, enum, fld, rec
 
 pytestmark = pytest.mark.unit
 

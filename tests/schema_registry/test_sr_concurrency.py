@@ -10,9 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from concurrent_writers import PER_PROCESS, PROCESSES, Result, run_concurrent_writers, versions_of
 
-pytestmark = pytest.mark.integration
+from tests.schema_registry.concurrent_writers import (
+    PER_PROCESS,
+    PROCESSES,
+    Result,
+    run_concurrent_writers,
+    versions_of,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("schema-registry-race")]
 
 
 @pytest.fixture(
@@ -33,7 +40,8 @@ def raced(
     import uuid
 
     import psycopg
-    from conftest import postgres_dsn, with_search_path
+
+    from tests.schema_registry.conftest import postgres_dsn, with_search_path
 
     dsn = postgres_dsn()
     if dsn is None:

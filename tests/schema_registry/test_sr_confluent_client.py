@@ -10,10 +10,10 @@ from confluent_kafka.schema_registry import Schema, SchemaReference, SchemaRegis
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
-from conftest import ADMIN_TOKEN, READ_TOKEN
-from live_server import serve
 
 from schema_registry.app import RegistryApp
+from tests.schema_registry.conftest import ADMIN_TOKEN, READ_TOKEN
+from tests.schema_registry.live_server import serve
 
 pytestmark = pytest.mark.integration
 
