@@ -133,13 +133,28 @@ fetch_jars() {
 
 # ---------------------------------------------------------------- process
 
+# True while any thread of the process is alive. A zombie is dead, but a killed JVM's
+# group leader can be a zombie while its other threads (holding the sockets) still exit;
+# and PID 1 here may be slow to reap, so `kill -0` alone would wait on a zombie forever.
+proc_alive() {
+  local stat line state
+  for stat in /proc/"$1"/task/*/stat; do
+    line="$(cat "$stat" 2>/dev/null)" || continue
+    [[ -n "$line" ]] || continue
+    state="${line##*) }"
+    state="${state%% *}"
+    [[ "$state" != Z && "$state" != X ]] && return 0
+  done
+  return 1
+}
+
 # The pid in the pid file, if that process is alive and is our broker (not a reused pid).
 running_pid() {
   [[ -f "$PIDFILE" ]] || return 1
   local pid
   pid="$(cat "$PIDFILE" 2>/dev/null || true)"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
+  proc_alive "$pid" || return 1
   local cmdline
   cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
   [[ "$cmdline" == *kafka.Kafka* && "$cmdline" == *"$PROPS"* ]] || return 1
@@ -189,7 +204,7 @@ wait_ready() {
   python="$(find_python || true)"
   [[ -n "$python" ]] || log "no Python with confluent-kafka: readiness = port open + 'Kafka Server started' in the log"
   while ((SECONDS < deadline)); do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! proc_alive "$pid"; then
       log_tail
       rm -f "$PIDFILE"
       die "broker (pid $pid) exited during startup; logs in $KDIR"
@@ -255,17 +270,24 @@ cmd_start() {
   local t0=$SECONDS pid
   lock_dir
   if pid="$(running_pid)"; then
+    if ! grep -q "^listeners=PLAINTEXT://$HOST:$PORT," "$PROPS" 2>/dev/null; then
+      die "a broker (pid $pid) already runs from $KDIR with other listeners ($(grep '^listeners=' "$PROPS")): dev/kafka.sh stop first"
+    fi
     log "already running (pid $pid) on $BOOTSTRAP"
     wait_ready "$pid"
     echo "$BOOTSTRAP"
     return 0
   fi
   rm -f "$PIDFILE"
-  local p
+  # A broker that was just killed may hold its ports for a moment: wait up to 15 s.
+  local p deadline=$((SECONDS + 15))
   for p in "$PORT" "$CONTROLLER_PORT"; do
-    if port_open "$HOST" "$p"; then
-      die "$HOST:$p is already in use by another process (set BILTEN_KAFKA_PORT / BILTEN_KAFKA_CONTROLLER_PORT)"
-    fi
+    while port_open "$HOST" "$p"; do
+      if ((SECONDS >= deadline)); then
+        die "$HOST:$p is already in use by another process (set BILTEN_KAFKA_PORT / BILTEN_KAFKA_CONTROLLER_PORT)"
+      fi
+      sleep 0.5
+    done
   done
   find_java
   fetch_jars
@@ -302,11 +324,13 @@ cmd_stop() {
   log "stopping pid $pid (SIGTERM, up to ${STOP_TIMEOUT}s)"
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while proc_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+  if proc_alive "$pid"; then
     log "pid $pid still alive after ${STOP_TIMEOUT}s: SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    deadline=$((SECONDS + 30))
+    while proc_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+    proc_alive "$pid" && die "pid $pid survived SIGKILL for 30 s"
   fi
   rm -f "$PIDFILE"
   log "stopped (data kept in $DATA)"

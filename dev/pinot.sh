@@ -8,7 +8,8 @@
 #   dev/pinot.sh start    fetch the jars if not cached, start ZK + Pinot, wait for the controller,
 #                         broker and server /health to answer OK (log tail + exit 1 on failure)
 #   dev/pinot.sh stop     SIGTERM Pinot then ZK (SIGKILL after a timeout); data stays
-#   dev/pinot.sh status   exit 0 and print pids + URLs when running and healthy, exit 3 when not
+#   dev/pinot.sh status   exit 0 and print pids + URLs + RSS when running and healthy; exit 1 when a
+#                         process runs but /health fails (starting or broken); exit 3 when stopped
 #   dev/pinot.sh restart  stop then start
 #   dev/pinot.sh fetch    only fetch the jars (and build the shim jar) into the cache
 #   dev/pinot.sh env      print `export BILTEN_PINOT_*=...` lines
@@ -392,7 +393,11 @@ cmd_status() {
     echo "running pinot_pid=$ppid zookeeper_pid=$zpid controller=$CONTROLLER_URL broker=$BROKER_URL version=$PINOT_VERSION rss_mb=$rss dir=$PDIR"
     return 0
   fi
-  echo "stopped pinot_pid=${ppid:--} zookeeper_pid=${zpid:--} controller=$CONTROLLER_URL broker=$BROKER_URL dir=$PDIR"
+  if [[ -n "$zpid" || -n "$ppid" ]]; then
+    echo "unhealthy pinot_pid=${ppid:--} zookeeper_pid=${zpid:--} controller=$CONTROLLER_URL broker=$BROKER_URL dir=$PDIR (starting, or a part is down: dev/pinot.sh logs)"
+    return 1
+  fi
+  echo "stopped controller=$CONTROLLER_URL broker=$BROKER_URL dir=$PDIR"
   return 3
 }
 

@@ -49,11 +49,24 @@ ensure_installed() {
 
 redis_ping() { redis-cli -h "$HOST" -p "$PORT" ping 2>/dev/null | grep -q PONG; }
 
+# True while any thread of the process is alive (a zombie is dead; PID 1 may reap late).
+proc_alive() {
+  local stat line state
+  for stat in /proc/"$1"/task/*/stat; do
+    line="$(cat "$stat" 2>/dev/null)" || continue
+    [[ -n "$line" ]] || continue
+    state="${line##*) }"
+    state="${state%% *}"
+    [[ "$state" != Z && "$state" != X ]] && return 0
+  done
+  return 1
+}
+
 running_pid() {
   [[ -f "$PIDFILE" ]] || return 1
   local pid
   pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && proc_alive "$pid" || return 1
   [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *redis-server*":$PORT"* ]] || return 1
   echo "$pid"
 }
@@ -96,8 +109,8 @@ cmd_stop() {
   fi
   redis-cli -h "$HOST" -p "$PORT" shutdown nosave >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + 15))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
+  while proc_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
+  if proc_alive "$pid"; then
     log "pid $pid still alive: SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
   fi

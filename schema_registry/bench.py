@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool", choices=["python", "wrk"], default="python")
     parser.add_argument("--duration", type=int, default=10, help="wrk: seconds")
     parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2_000, help="requests before measuring")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bilten-sr-bench-") as tmp:
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             registered.raise_for_status()
             path = f"/schemas/ids/{registered.json()['id']}"
             # Warm every worker's cache (connections land on workers at random).
-            asyncio.run(_drive_python(port, path, 2_000, 32))
+            if args.warmup:
+                asyncio.run(_drive_python(port, path, args.warmup, min(32, args.warmup)))
             machine = (
                 f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
             )

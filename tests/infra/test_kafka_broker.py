@@ -156,12 +156,21 @@ def managed_broker(kafka_bootstrap: str) -> Iterator[dict[str, str]]:
 
 
 def process_alive(pid: int) -> bool:
+    """True while any thread of pid is alive: a killed JVM's group leader can be a zombie
+    while its other threads (holding the sockets) still exit, and PID 1 may reap late."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
         return False
-    return state not in ("Z", "X")  # a zombie is dead (its parent may be slow to reap it)
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def restart_via_script() -> None:

@@ -94,6 +94,8 @@ def test_bench_drives_a_multi_worker_server() -> None:
             "4",
             "--workers",
             "2",
+            "--warmup",
+            "20",
         ],
         capture_output=True,
         text=True,
