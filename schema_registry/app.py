@@ -233,6 +233,20 @@ class RegistryApp:
             if not principal.may(WRITE_SCOPES if route.write else READ_SCOPES):
                 await self._forbidden(send, content_type)
                 return
+            if route.write and not principal.may_write_subject(params.get("subject")):
+                await _send_json(
+                    send,
+                    403,
+                    _error_body(
+                        RegistryError(
+                            40301,
+                            "Forbidden: these credentials may only write subjects starting "
+                            f"with {principal.subject_prefix!r}",
+                        )
+                    ),
+                    content_type,
+                )
+                return
             body = b""
             if method in ("POST", "PUT"):
                 request_type = _header(scope["headers"], b"content-type")

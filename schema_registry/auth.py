@@ -34,9 +34,20 @@ WRITE_SCOPES: Final = frozenset({WRITE_SCOPE, ADMIN_SCOPE})
 class Principal:
     name: str
     scopes: frozenset[str]
+    # Tenants of the platform may only write subjects under their own prefix
+    # (`events.<tenant_id>.`); None means unrestricted (platform admins, tokens of the
+    # static table). Reads stay global: schema ids are global, and Kafka deserializers
+    # of any consumer must resolve them.
+    subject_prefix: str | None = None
 
     def may(self, needed: frozenset[str]) -> bool:
         return not self.scopes.isdisjoint(needed)
+
+    def may_write_subject(self, subject: str | None) -> bool:
+        """Subject-level write check; `None` is a global write (config, mode)."""
+        if self.subject_prefix is None:
+            return True
+        return subject is not None and subject.startswith(self.subject_prefix)
 
 
 @runtime_checkable

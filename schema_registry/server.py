@@ -8,7 +8,10 @@ storage, which serializes writes (see :mod:`schema_registry.storage`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import Iterator
 
 import orjson
 import uvicorn
@@ -64,3 +67,41 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its host process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class EmbeddedRegistry:
+    """The registry inside another asyncio program (`bilten-analytics up`)."""
+
+    def __init__(self, settings: RegistrySettings, authenticator: Authenticator | None) -> None:
+        config = uvicorn.Config(
+            create_app(settings, authenticator),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+            http="httptools",
+            lifespan="on",
+        )
+        self._server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raises why it could not start
+                raise RuntimeError("schema registry stopped during start-up")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task

@@ -54,7 +54,9 @@ async def _up(args: argparse.Namespace) -> int:
     assert isinstance(settings, PlatformSettings)
     configure_telemetry("bilten-analytics", settings.metrics_port)
     mesh = Mesh.open(settings)
+    registry = mesh.registry()
     try:
+        await registry.start()
         port = await mesh.start(SERVICE_NAMES)
         credentials = mesh.ensure_dev_credentials()
         data_dir = Path(settings.data_dir)
@@ -70,6 +72,7 @@ async def _up(args: argparse.Namespace) -> int:
         )
     except BaseException:
         await mesh.stop()
+        await registry.stop()
         raise
     envoy = await gateway.start_envoy(config_path, data_dir / "envoy.log", settings.envoy_binary)
     stop = _stop_event()
@@ -79,6 +82,7 @@ async def _up(args: argparse.Namespace) -> int:
             "\nBilten Analytics is up (embedded: DuckDB + SQLite)\n"
             f"  gRPC      {settings.grpc_host}:{port}   (health, reflection on)\n"
             f"  REST      http://127.0.0.1:{settings.http_port}   (Envoy)\n"
+            f"  registry  http://127.0.0.1:{settings.schema_registry_port}   (Confluent API)\n"
             f"  metrics   http://127.0.0.1:{settings.metrics_port}/metrics\n"
             f"  data      {data_dir.resolve()}\n"
             f"  tenant    {credentials['tenant_id']}\n"
@@ -102,6 +106,7 @@ async def _up(args: argparse.Namespace) -> int:
             if envoy.returncode is None:
                 envoy.kill()
         await mesh.stop()
+        await registry.stop()
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -109,13 +114,33 @@ async def _serve(args: argparse.Namespace) -> int:
     from services.platform.settings import PlatformSettings
     from services.platform.telemetry import configure_telemetry
 
-    if args.service == "schema-registry":
-        from schema_registry.server import run as run_registry
-        from schema_registry.settings import RegistrySettings
-
-        run_registry(RegistrySettings())
-        return 0
     settings = _settings(args)
+    if args.service == "schema-registry":
+        # Cluster shape: the registry alone, storage from BILTEN_SCHEMA_REGISTRY_STORAGE
+        # (PostgreSQL), the platform's credentials for auth.
+        from schema_registry.server import EmbeddedRegistry
+        from schema_registry.settings import RegistrySettings
+        from services.platform.auth import Authenticator, TokenIssuer
+        from services.platform.schema_registry_auth import PlatformRegistryAuthenticator
+        from services.platform.secrets_file import load_secrets
+        from services.storage.metadata_store import SQLiteMetadataStore
+
+        assert isinstance(settings, PlatformSettings)
+        secrets = load_secrets(settings)
+        metadata = SQLiteMetadataStore(Path(settings.data_dir) / "metadata.sqlite3")
+        tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
+        registry = EmbeddedRegistry(
+            RegistrySettings(),
+            PlatformRegistryAuthenticator(Authenticator(tokens, metadata, secrets.api_key_pepper)),
+        )
+        await registry.start()
+        print("schema-registry serving", flush=True)
+        try:
+            await _stop_event().wait()
+        finally:
+            await registry.stop()
+            metadata.close()
+        return 0
     assert isinstance(settings, PlatformSettings)
     configure_telemetry(f"bilten-analytics-{args.service}", settings.metrics_port)
     mesh = Mesh.open(settings)

@@ -22,11 +22,14 @@ from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as ingestio
 from bilten.analytics.prediction.v1 import prediction_service_pb2_grpc as prediction_grpc
 from bilten.analytics.query.v1 import query_service_pb2_grpc as query_grpc
 
+from schema_registry.server import EmbeddedRegistry
+from schema_registry.settings import RegistrySettings
 from services.aggregation.servicer import AggregationServicer
 from services.compliance.servicer import ComplianceServicer
 from services.ingestion.dedup import DedupWindow
+from services.ingestion.definitions import RegistryEventDefinitions
 from services.ingestion.enrichment import Enricher
-from services.ingestion.pipeline import IngestionPipeline, PipelineLimits
+from services.ingestion.pipeline import EventLog, IngestionPipeline, PipelineLimits
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
@@ -38,6 +41,10 @@ from services.platform.auth import (
     TokenIssuer,
     new_api_key,
 )
+from services.platform.schema_registry_auth import (
+    PLATFORM_DEFINITIONS_TENANT,
+    PlatformRegistryAuthenticator,
+)
 from services.platform.secrets_file import Secrets, load_secrets
 from services.platform.server import Registration, start_grpc_server
 from services.platform.settings import PlatformSettings
@@ -47,8 +54,14 @@ from services.query.servicer import QueryServicer
 from services.storage.event_store import DuckDBEventStore
 from services.storage.group_commit import GroupCommitter
 from services.storage.metadata_store import ApiKeyRecord, SQLiteMetadataStore, Tenant
+from services.streaming.live import LiveFeed
+from services.streaming.status import EmbeddedPipelineStatus, PipelineStatusSource
+from services.streaming.wiring import KafkaStreaming
 
 SERVICE_NAMES = ("ingestion", "query", "aggregation", "compliance", "prediction")
+# With the Kafka event log, these run the stream processor in their process: it owns the
+# event store they read (DuckDB lets one process open the file).
+PROCESSOR_HOSTS = ("processor", "query", "aggregation")
 CREDENTIALS_FILE = "credentials.json"
 
 
@@ -64,6 +77,7 @@ class Mesh:
     pipeline: IngestionPipeline
     server: grpc.aio.Server | None = None
     port: int = 0
+    streaming: KafkaStreaming | None = None  # set when settings.event_log == "kafka"
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -76,6 +90,27 @@ class Mesh:
         event_log = GroupCommitter(event_store, max_pending_events=settings.max_pending_events)
         tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
         authenticator = Authenticator(tokens, metadata, secrets.api_key_pepper)
+        # Ingestion reads event definitions from the registry with its own service token:
+        # read-only, confined to the platform pseudo-tenant for writes.
+        registry_token = tokens.issue(
+            "ingestion",
+            PLATFORM_DEFINITIONS_TENANT,
+            frozenset({Scope.SCHEMAS_READ}),
+            ttl_seconds=365 * 86_400,
+        )
+        definitions = RegistryEventDefinitions(
+            settings.registry_url, registry_token, settings.definition_cache_seconds
+        )
+        streaming = None
+        append_to: EventLog = CommittingEventLog(event_log)
+        if settings.event_log == "kafka":
+            # Ingestion appends to Kafka; the processor fills the store (docs/streaming.md).
+            # Its registry token is a platform one: the envelope subject is global.
+            streaming = KafkaStreaming.open(
+                settings,
+                tokens.issue("streaming", "", frozenset({Scope.ADMIN}), ttl_seconds=365 * 86_400),
+            )
+            append_to = streaming.event_log
         dedup = DedupWindow(settings.dedup_window_seconds)
         since = datetime.now(UTC) - timedelta(seconds=settings.dedup_window_seconds)
         dedup.warm(list(event_store.event_ids_since(since)), time.time())
@@ -90,22 +125,44 @@ class Mesh:
             TokenBucketLimiter(
                 settings.rate_limit_events_per_second, settings.rate_limit_burst_events
             ),
-            CommittingEventLog(event_log),
+            append_to,
             MetadataQuarantine(metadata),
+            definitions,
         )
         observe_gauge(
             "bilten_dedup_window_ids", "Event ids held in the dedup window", lambda: len(dedup)
         )
         return cls(
-            settings, secrets, metadata, event_store, event_log, tokens, authenticator, pipeline
+            settings,
+            secrets,
+            metadata,
+            event_store,
+            event_log,
+            tokens,
+            authenticator,
+            pipeline,
+            streaming=streaming,
         )
+
+    @property
+    def live_feed(self) -> LiveFeed | None:
+        """Committed events as they arrive (services/streaming/live.py); None unless this
+        process runs the stream processor."""
+        if self.streaming is None or self.streaming.processor is None:
+            return None
+        return self.streaming.live_feed
+
+    def pipeline_status(self) -> PipelineStatusSource:
+        if self.streaming is not None:
+            return self.streaming.status
+        return EmbeddedPipelineStatus(lambda: self.event_log.pending_events)
 
     def registrations(self, services: tuple[str, ...] = SERVICE_NAMES) -> list[Registration]:
         quarantine = MetadataQuarantine(self.metadata)
         available = {
             "ingestion": Registration(
                 "bilten.analytics.ingestion.v1.IngestionService",
-                IngestionServicer(self.pipeline, quarantine),
+                IngestionServicer(self.pipeline, quarantine, self.pipeline_status()),
                 ingestion_grpc.add_IngestionServiceServicer_to_server,
             ),
             "query": Registration(
@@ -132,8 +189,12 @@ class Mesh:
         return [available[name] for name in services]
 
     async def start(self, services: tuple[str, ...] = SERVICE_NAMES) -> int:
+        if self.streaming is not None:
+            await self.streaming.start()
+            if any(name in PROCESSOR_HOSTS for name in services):
+                await self.streaming.start_processor(self.event_store)
         self.server, self.port, _ = await start_grpc_server(
-            self.registrations(services),
+            self.registrations(tuple(name for name in services if name != "processor")),
             self.authenticator,
             self.settings.grpc_host,
             self.settings.grpc_port,
@@ -143,9 +204,24 @@ class Mesh:
     async def stop(self, grace: float = 5.0) -> None:
         if self.server is not None:
             await self.server.stop(grace)
+        if self.streaming is not None:
+            await self.streaming.close()
         await self.event_log.close()
         self.event_store.close()
         self.metadata.close()
+
+    def registry(self) -> EmbeddedRegistry:
+        """The schema registry on the embedded metadata: SQLite next to the other stores,
+        the platform's credentials."""
+        data_dir = Path(self.settings.data_dir).resolve()
+        return EmbeddedRegistry(
+            RegistrySettings(
+                host=self.settings.grpc_host,
+                port=self.settings.schema_registry_port,
+                storage=f"sqlite:///{data_dir / 'schema-registry.sqlite3'}",
+            ),
+            PlatformRegistryAuthenticator(self.authenticator),
+        )
 
     def ensure_dev_credentials(self) -> dict[str, str]:
         """First start: a dev tenant, an organizer-admin token and a write key.

@@ -16,8 +16,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Protocol
 
+import orjson
+
 from services.events.model import EventSource, TrackedEvent, TrackedEventType
 from services.ingestion.dedup import DedupWindow
+from services.ingestion.definitions import EventDefinition, EventDefinitions, check_properties
 from services.ingestion.enrichment import Enricher
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.platform.errors import FieldViolation, rate_limited
@@ -122,6 +125,7 @@ class IngestionPipeline:
         rate_limiter: TokenBucketLimiter,
         event_log: EventLog,
         quarantine: QuarantineSink,
+        definitions: EventDefinitions | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._limits = limits
@@ -130,6 +134,7 @@ class IngestionPipeline:
         self._rate_limiter = rate_limiter
         self._event_log = event_log
         self._quarantine = quarantine
+        self._definitions = definitions
         self._clock = clock
 
     async def ingest(
@@ -152,6 +157,7 @@ class IngestionPipeline:
             raise rate_limited(wait)
         received_at = datetime.fromtimestamp(now, UTC)
         violations = item_violations or {}
+        definitions = await self._resolve_definitions(tenant_id, events, implied_type)
         outcomes: list[IngestOutcome | None] = [None] * len(events)
         accepted: list[TrackedEvent] = []
         accepted_index: list[int] = []
@@ -169,7 +175,9 @@ class IngestionPipeline:
                         first.field,
                         "; ".join(f"{v.field}: {v.description}" for v in violations[index]),
                     )
-                event = self._check(tenant_id, event_id, incoming, received_at, path, implied_type)
+                event = self._check(
+                    tenant_id, event_id, incoming, received_at, path, implied_type, definitions
+                )
             except _Rejected as caught:
                 rejected.append((index, caught))
                 outcomes[index] = IngestOutcome(event_id, IngestStatus.REJECTED)  # filled below
@@ -219,6 +227,22 @@ class IngestionPipeline:
             await self._quarantine.quarantine(entries)
         return [outcome for outcome in outcomes if outcome is not None]
 
+    async def _resolve_definitions(
+        self,
+        tenant_id: str,
+        events: Sequence[IncomingEvent],
+        implied_type: TrackedEventType | None,
+    ) -> dict[tuple[str, int], EventDefinition | None]:
+        """Looks up, once per batch, the definitions its custom events need."""
+        wanted = {
+            (e.event_name, e.definition_version)
+            for e in events
+            if (e.event_type or implied_type) is TrackedEventType.CUSTOM
+        }
+        if not wanted or self._definitions is None:
+            return dict.fromkeys(wanted)
+        return {key: await self._definitions.lookup(tenant_id, key[0], key[1]) for key in wanted}
+
     def _check(
         self,
         tenant_id: str,
@@ -227,6 +251,7 @@ class IngestionPipeline:
         received_at: datetime,
         path: str,
         implied_type: TrackedEventType | None,
+        definitions: dict[tuple[str, int], EventDefinition | None],
     ) -> TrackedEvent:
         event_type = incoming.event_type
         if implied_type is not None:
@@ -298,6 +323,24 @@ class IngestionPipeline:
                 f"{path}.ticketing",
                 "a conversion needs a revenue or a ticket quantity",
             )
+        schema_id = 0
+        if event_type is TrackedEventType.CUSTOM:
+            definition = definitions.get((incoming.event_name, incoming.definition_version))
+            if definition is None:
+                version = incoming.definition_version
+                raise _Rejected(
+                    RejectionReason.UNKNOWN_EVENT_DEFINITION,
+                    f"{path}.event_name",
+                    f"no event definition {incoming.event_name!r}"
+                    + (f" version {version}" if version else "")
+                    + " is registered for this tenant or the platform",
+                )
+            violation = check_properties(definition, orjson.loads(incoming.properties_json))
+            if violation is not None:
+                raise _Rejected(
+                    RejectionReason.SCHEMA_VIOLATION, f"{path}.{violation[0]}", violation[1]
+                )
+            schema_id = definition.schema_id
         return TrackedEvent(
             tenant_id=tenant_id,
             event_id=event_id,
@@ -319,5 +362,6 @@ class IngestionPipeline:
             currency=incoming.currency if incoming.revenue is not None else "",
             quantity=incoming.quantity,
             properties_json=incoming.properties_json,
+            schema_id=schema_id,
             enrichment=self._enricher.enrich(incoming.ip_address, incoming.user_agent),
         )

@@ -126,3 +126,12 @@ def event_log_unavailable(message: str, retry_after_seconds: float = 1.0) -> Ana
         message,
         retry_after_seconds=retry_after_seconds,
     )
+
+
+def dependency_unavailable(message: str, retry_after_seconds: float = 2.0) -> AnalyticsError:
+    return AnalyticsError(
+        StatusCode.UNAVAILABLE,
+        "DEPENDENCY_UNAVAILABLE",
+        message,
+        retry_after_seconds=retry_after_seconds,
+    )

@@ -83,7 +83,8 @@ async def wait_until_ready(admin_port: int, timeout: float = 120.0) -> None:
     while True:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-            writer.write(b"GET /ready HTTP/1.0\r\n\r\n")
+            # HTTP/1.1: Envoy admin answers HTTP/1.0 with 426 Upgrade Required.
+            writer.write(b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             await writer.drain()
             body = await reader.read()
             writer.close()

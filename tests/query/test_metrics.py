@@ -62,7 +62,7 @@ def oracle_bucket(moment: datetime, granularity: Granularity) -> datetime:
 
 
 def oracle_buckets(time_range: TimeRange, granularity: Granularity) -> list[datetime]:
-    out = []
+    out: list[datetime] = []
     moment = time_range.start
     while moment < time_range.end:
         bucket = oracle_bucket(moment, granularity)
@@ -166,6 +166,19 @@ class Oracle:
             rows.append(ConversionRow(b, count[b], c, n, c / n if n else 0.0))
         return tuple(rows)
 
+    def overall_conversion_rate(self, scope: Scope, tr: TimeRange, f: MetricFilters) -> float:
+        active = {
+            a
+            for e in self.selected(scope, tr.start, tr.end, f, event_filters=False)
+            if (a := actor(e)) is not None
+        }
+        converting = {
+            a
+            for e in self.selected(scope, tr.start, tr.end, f)
+            if e.event_type is TrackedEventType.CONVERSION and (a := actor(e)) is not None
+        }
+        return len(converting) / len(active) if active else 0.0
+
     def money_events(
         self, scope: Scope, start: datetime, end: datetime, f: MetricFilters
     ) -> Iterator[TrackedEvent]:
@@ -260,6 +273,9 @@ def _check_all(
     assert metrics.geography(store, scope, time_range, filters) == oracle.geography(
         scope, time_range, filters
     )
+    assert metrics.overall_conversion_rate(store, scope, time_range, filters) == (
+        oracle.overall_conversion_rate(scope, time_range, filters)
+    )
 
 
 # --- tests ---------------------------------------------------------------------------
@@ -277,6 +293,27 @@ def test_every_metric_matches_the_oracle(
         if granularity is Granularity.MINUTE:  # keep the dense series small
             time_range = TimeRange(RANGE.start, RANGE.start + timedelta(hours=30))
         _check_all(store, oracle, scope, time_range, granularity, filters)
+
+
+# Starts exactly on a bucket boundary (every granularity but month / but week), where
+# active users take the bare-key path: rows before the start must still be left out.
+ALIGNED = [
+    TimeRange(datetime(2024, 3, 4, tzinfo=UTC), datetime(2024, 3, 25, 12, tzinfo=UTC)),
+    TimeRange(datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC)),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("granularity", [g for g in Granularity if g is not Granularity.MINUTE])
+@pytest.mark.parametrize("time_range", ALIGNED, ids=["monday", "first-of-month"])
+def test_active_users_on_aligned_ranges_match_the_oracle(
+    loaded: tuple[DuckDBEventStore, Oracle], time_range: TimeRange, granularity: Granularity
+) -> None:
+    store, oracle = loaded
+    for scope, filters in itertools.product(SCOPES, FILTERS[:2]):
+        assert metrics.active_users(store, scope, time_range, granularity, filters) == (
+            oracle.active_users(scope, time_range, granularity, filters)
+        )
 
 
 @pytest.mark.integration
@@ -355,6 +392,8 @@ def test_empty_store_gives_zeros(tmp_path: Path) -> None:
         assert everyone.mau == 0
         assert metrics.revenue(store, Scope.all_tenants(), RANGE, Granularity.DAY) == ()
         assert metrics.geography(store, Scope.tenant("t"), RANGE) == ()
+        assert metrics.overall_conversion_rate(store, Scope.all_tenants(), RANGE) == 0.0
+        assert metrics.overall_conversion_rate(store, Scope.tenant("t"), RANGE) == 0.0
 
 
 @st.composite

@@ -176,7 +176,7 @@ def test_append_table_casts_compatible_columns(store: DuckDBEventStore) -> None:
 
 
 def test_readers_see_whole_batches_while_appends_run(store: DuckDBEventStore) -> None:
-    batches, size = 40, 250
+    batches, size = 24, 250
     events = random_events(5, batches * size, tenants=("acme",))
     seen: list[int] = []
     errors: list[BaseException] = []

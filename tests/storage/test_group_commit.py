@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -76,7 +77,7 @@ async def test_a_failed_commit_fails_every_waiter_of_its_group(store: DuckDBEven
     await _wait_entered(gated)  # the first group is inside the store, blocked
     good = random_events(3, 200, tenants=("acme",))
     poisoned = [*random_events(4, 3, tenants=("acme",))]
-    poisoned[1] = TrackedEvent(**{**_fields(poisoned[1]), "properties_json": "{broken"})
+    poisoned[1] = dataclasses.replace(poisoned[1], properties_json="{broken")
     waiters = [asyncio.ensure_future(log.append(good[i : i + 20])) for i in range(0, 200, 20)]
     waiters.append(asyncio.ensure_future(log.append(poisoned)))
     await asyncio.sleep(0.05)
@@ -163,7 +164,3 @@ async def test_a_cancelled_waiter_does_not_disturb_the_others(store: DuckDBEvent
     # At-least-once: the cancelled request was already queued, so it was committed.
     assert store.count("acme") == 15
     await log.close()
-
-
-def _fields(event: TrackedEvent) -> dict[str, object]:
-    return {name: getattr(event, name) for name in event.__dataclass_fields__}

@@ -64,6 +64,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The query ran past its deadline (DEADLINE_EXCEEDED)."""
     ERROR_REASON_QUERY_REFUSED: _ErrorReason.ValueType  # 15
     """The SQL statement is not allowed (INVALID_ARGUMENT)."""
+    ERROR_REASON_DEPENDENCY_UNAVAILABLE: _ErrorReason.ValueType  # 16
+    """A service this call depends on (the schema registry, a broker) is unreachable;
+    retry after `RetryInfo` (UNAVAILABLE).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in `google.rpc.ErrorInfo.reason` (with domain
@@ -112,4 +116,8 @@ ERROR_REASON_QUERY_TIMEOUT: ErrorReason.ValueType  # 14
 """The query ran past its deadline (DEADLINE_EXCEEDED)."""
 ERROR_REASON_QUERY_REFUSED: ErrorReason.ValueType  # 15
 """The SQL statement is not allowed (INVALID_ARGUMENT)."""
+ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 16
+"""A service this call depends on (the schema registry, a broker) is unreachable;
+retry after `RetryInfo` (UNAVAILABLE).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
