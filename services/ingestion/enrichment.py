@@ -45,8 +45,12 @@ def parse_user_agent(user_agent: str) -> tuple[str, str, str, str]:
 
 
 class Enricher:
-    def __init__(self, ip_hash_key: str) -> None:
+    def __init__(self, ip_hash_key: str, cache_size: int = 65_536) -> None:
         self._key = ip_hash_key.encode()
+        # A visitor sends many events from one IP and one browser: the whole enrichment
+        # is cached per (ip, user agent), which took it from ~100 µs to ~1 µs per event
+        # (ipaddress parsing dominated; see docs/benchmarks.md).
+        self.enrich = lru_cache(maxsize=cache_size)(self._enrich)  # type: ignore[method-assign]
 
     def hash_ip(self, ip: str) -> str:
         return hmac.new(self._key, ip.encode(), hashlib.sha256).hexdigest()[:32]
@@ -62,6 +66,9 @@ class Enricher:
         return iptocc.country_code(ip) or ""
 
     def enrich(self, ip: str, user_agent: str) -> Enrichment:
+        return self._enrich(ip, user_agent)
+
+    def _enrich(self, ip: str, user_agent: str) -> Enrichment:
         browser, major, os_family, device_type = parse_user_agent(user_agent)
         return Enrichment(
             ip_hash=self.hash_ip(ip) if ip else "",
