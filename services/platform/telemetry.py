@@ -1,7 +1,7 @@
 """OpenTelemetry traces and metrics, with a Prometheus scrape endpoint.
 
-Traces: one server span per RPC (exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT`
-is set and the exporter is installed; otherwise kept in process). Metrics: RPC counts
+Traces: one server span per RPC, exported over OTLP/gRPC when
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set (otherwise recorded and dropped). Metrics: RPC counts
 and latencies by method and status, plus the gauges domain code registers, served for
 Prometheus at `:<metrics_port>/metrics`.
 """
@@ -16,7 +16,9 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import start_http_server
 
 _configured = False
@@ -31,15 +33,8 @@ def configure_telemetry(service_name: str, metrics_port: int) -> None:
     resource = Resource.create({"service.name": service_name})
     tracer_provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter,
-            )
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        except ImportError:
-            pass
+        # The exporter reads endpoint, headers and TLS from the standard OTEL_* variables.
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(tracer_provider)
     readers = []
     if metrics_port:
