@@ -49,6 +49,7 @@ async def _up(args: argparse.Namespace) -> int:
     from services.platform import gateway
     from services.platform.settings import PlatformSettings
     from services.platform.telemetry import configure_telemetry
+    from services.streaming.avro_envelope import register_envelope_schema
 
     settings = _settings(args)
     assert isinstance(settings, PlatformSettings)
@@ -57,6 +58,11 @@ async def _up(args: argparse.Namespace) -> int:
     registry = mesh.registry()
     try:
         await registry.start()
+        # The tracked-event envelope lives in the registry from the first start, under
+        # the event topic's value subject (TopicNameStrategy), whichever event log runs.
+        await asyncio.to_thread(
+            register_envelope_schema, settings.registry_url, mesh.platform_token()
+        )
         port = await mesh.start(SERVICE_NAMES)
         credentials = mesh.ensure_dev_credentials()
         data_dir = Path(settings.data_dir)
@@ -79,7 +85,7 @@ async def _up(args: argparse.Namespace) -> int:
     try:
         await gateway.wait_until_ready(settings.envoy_admin_port)
         print(
-            "\nBilten Analytics is up (embedded: DuckDB + SQLite)\n"
+            f"\nBilten Analytics is up (event log: {settings.event_log}; DuckDB + SQLite)\n"
             f"  gRPC      {settings.grpc_host}:{port}   (health, reflection on)\n"
             f"  REST      http://127.0.0.1:{settings.http_port}   (Envoy)\n"
             f"  registry  http://127.0.0.1:{settings.schema_registry_port}   (Confluent API)\n"
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             "compliance",
             "prediction",
             "schema-registry",
+            # The stream processor alone: Kafka topic -> event store (docs/streaming.md).
+            "processor",
         ],
     )
     for p in (up, serve):
@@ -196,12 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--grpc-port", type=int)
         p.add_argument("--event-log", choices=["embedded", "kafka"])
     up.add_argument("--http-port", type=int)
+    pinot = sub.add_parser(
+        "pinot", help="generate / apply the Pinot schema and REALTIME table (docs/streaming.md)"
+    )
+    pinot.add_argument("action", choices=["show", "apply"])
+    pinot.add_argument("rest", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     bench.add_argument("what", choices=["ingest", "query"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "pinot":
+        from services.pinot.apply import main as pinot_main
+
+        return pinot_main([args.action, *args.rest])
+    if args.command == "serve" and args.service == "processor" and not args.event_log:
+        args.event_log = "kafka"  # the processor only exists in the Kafka shape
     runner = _up if args.command == "up" else _serve
     try:
         return asyncio.run(runner(args))

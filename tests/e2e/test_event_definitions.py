@@ -144,3 +144,15 @@ def test_a_tenant_cannot_write_another_tenants_definitions(system: RunningSystem
     assert r.status_code == 403
     # No credentials: 401.
     assert httpx.get(f"{system.registry_url}/subjects", timeout=10).status_code == 401
+
+
+def test_up_registers_the_envelope_under_the_topic_value_subject(system: RunningSystem) -> None:
+    from services.streaming.avro_envelope import ENVELOPE_SCHEMA_JSON, subject_for
+
+    r = httpx.get(
+        f"{system.registry_url}/subjects/{subject_for()}/versions/latest",
+        auth=("x", system.credentials["admin_token"]),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["schema"]) == json.loads(ENVELOPE_SCHEMA_JSON)
