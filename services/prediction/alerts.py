@@ -1,0 +1,452 @@
+"""Alerts: what the detectors and the user-defined thresholds raise, where they go.
+
+- `Alert`: metric, time, observed value, expected value and range, score, severity,
+  and whether a detector or a threshold rule raised it.
+- `AlertSink`: anything with `async publish(alert)`. `AlertBus` is the in-process one:
+  it fans alerts out to subscribers (`subscribe(tenant_id)` -> async iterator), which is
+  what `AggregationService.StreamAlerts` should read from. A slow subscriber loses its
+  oldest alerts, never blocks detection.
+- `AlertStore`: alerts and threshold rules in the prediction SQLite file; newest-first
+  keyset pages for `ListAnomalies`.
+- `AnomalyMonitor`: the streaming job. Every `interval` it closes the hours since its
+  last run, computes each tenant's hourly metrics (`METRICS`) from the event store,
+  feeds them to one `SeasonalDetector` per tenant and metric (warmed on the past four
+  weeks the first time, without alerting on that history), checks the tenant's
+  threshold rules, then stores and publishes the alerts. `observe` takes a value from
+  any other live source (a stream processor) through the same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from services.prediction.anomaly import DetectorConfig, SeasonalDetector, Severity
+from services.prediction.registry import invalid_page_token
+from services.storage.event_store import TABLE, EventStore
+
+log = structlog.get_logger(__name__)
+
+HOUR = timedelta(hours=1)
+WARMUP = timedelta(days=28)
+METRICS = ("event_count", "conversions", "tickets_sold", "active_users")
+
+_HOURLY_SQL = f"""
+SELECT epoch_us(occurred_at) // 3600000000 AS hour,
+       count(*) AS event_count,
+       count(*) FILTER (WHERE event_type = 'conversion') AS conversions,
+       coalesce(sum(quantity) FILTER (WHERE event_type = 'conversion'), 0) AS tickets_sold,
+       count(DISTINCT actor_key) AS active_users
+FROM {TABLE}
+WHERE tenant_id = $tenant AND occurred_at >= $start AND occurred_at < $end
+GROUP BY 1
+"""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anomalies (
+  alert_id       TEXT PRIMARY KEY,
+  tenant_id      TEXT NOT NULL,
+  metric_name    TEXT NOT NULL,
+  at             TEXT NOT NULL,
+  observed       REAL NOT NULL,
+  expected       REAL NOT NULL,
+  expected_lower REAL NOT NULL,
+  expected_upper REAL NOT NULL,
+  score          REAL NOT NULL,
+  severity       TEXT NOT NULL,
+  source         TEXT NOT NULL,   -- detector | threshold
+  rule_id        TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS anomalies_page ON anomalies (tenant_id, at, alert_id);
+CREATE TABLE IF NOT EXISTS alert_rules (
+  rule_id     TEXT PRIMARY KEY,
+  tenant_id   TEXT NOT NULL,
+  metric_name TEXT NOT NULL,
+  lower       REAL,
+  upper       REAL,
+  severity    TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    alert_id: str
+    tenant_id: str
+    metric_name: str
+    time: datetime  # start of the interval the value describes
+    observed: float
+    expected: float
+    expected_lower: float
+    expected_upper: float
+    score: float
+    severity: Severity
+    source: str  # "detector" or "threshold"
+    rule_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ThresholdRule:
+    """User-defined bounds on a metric: alert when the value leaves [lower, upper]."""
+
+    rule_id: str
+    tenant_id: str
+    metric_name: str
+    lower: float | None
+    upper: float | None
+    severity: Severity = Severity.WARNING
+
+    def check(self, when: datetime, value: float, expected: float) -> Alert | None:
+        low = self.lower if self.lower is not None else -np.inf
+        high = self.upper if self.upper is not None else np.inf
+        if low <= value <= high:
+            return None
+        bound = low if value < low else high
+        # Score: how far outside, relative to the bound (0.5 = 50 % beyond it).
+        score = abs(value - bound) / max(abs(bound), 1e-9)
+        return Alert(
+            alert_id=uuid.uuid4().hex,
+            tenant_id=self.tenant_id,
+            metric_name=self.metric_name,
+            time=when,
+            observed=value,
+            expected=expected,
+            expected_lower=float(low),
+            expected_upper=float(high),
+            score=float(score),
+            severity=self.severity,
+            source="threshold",
+            rule_id=self.rule_id,
+        )
+
+
+class AlertSink(Protocol):
+    async def publish(self, alert: Alert) -> None: ...
+
+
+class AlertBus:
+    """In-process fan-out of alerts to live subscribers, per tenant."""
+
+    def __init__(self, queue_size: int = 1000) -> None:
+        self._queue_size = queue_size
+        self._subscribers: dict[str, set[asyncio.Queue[Alert]]] = {}
+
+    async def publish(self, alert: Alert) -> None:
+        for queue in list(self._subscribers.get(alert.tenant_id, ())):
+            if queue.full():
+                queue.get_nowait()  # drop the oldest: detection never waits on a reader
+            queue.put_nowait(alert)
+
+    async def subscribe(self, tenant_id: str) -> AsyncIterator[Alert]:
+        queue: asyncio.Queue[Alert] = asyncio.Queue(self._queue_size)
+        self._subscribers.setdefault(tenant_id, set()).add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers[tenant_id].discard(queue)
+
+    def subscriber_count(self, tenant_id: str) -> int:
+        return len(self._subscribers.get(tenant_id, ()))
+
+
+def _text(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+class AlertStore:
+    """Stored alerts and threshold rules (same SQLite file as the model registry)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA busy_timeout = 5000")
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def add(self, alerts: list[Alert]) -> None:
+        with self._lock:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO anomalies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        a.alert_id,
+                        a.tenant_id,
+                        a.metric_name,
+                        _text(a.time),
+                        a.observed,
+                        a.expected,
+                        a.expected_lower,
+                        a.expected_upper,
+                        a.score,
+                        a.severity.value,
+                        a.source,
+                        a.rule_id,
+                    )
+                    for a in alerts
+                ],
+            )
+
+    def page(self, tenant_id: str, page_size: int, page_token: str) -> tuple[list[Alert], str]:
+        size = min(page_size or 100, 1000)
+        where, params = "tenant_id = ?", [tenant_id]
+        if page_token:
+            at, alert_id = _decode(page_token, tenant_id)
+            where += " AND (at, alert_id) < (?, ?)"
+            params += [at, alert_id]
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT * FROM anomalies WHERE {where} ORDER BY at DESC, alert_id DESC LIMIT ?",
+                [*params, size + 1],
+            ).fetchall()
+        alerts = [
+            Alert(
+                alert_id=r["alert_id"],
+                tenant_id=r["tenant_id"],
+                metric_name=r["metric_name"],
+                time=_time(r["at"]),
+                observed=r["observed"],
+                expected=r["expected"],
+                expected_lower=r["expected_lower"],
+                expected_upper=r["expected_upper"],
+                score=r["score"],
+                severity=Severity(r["severity"]),
+                source=r["source"],
+                rule_id=r["rule_id"],
+            )
+            for r in rows[:size]
+        ]
+        token = ""
+        if len(rows) > size:
+            token = _encode(tenant_id, rows[size - 1]["at"], rows[size - 1]["alert_id"])
+        return alerts, token
+
+    def put_rule(self, rule: ThresholdRule) -> None:
+        if rule.lower is None and rule.upper is None:
+            raise ValueError("a threshold rule needs a lower or an upper bound")
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO alert_rules VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    rule.rule_id,
+                    rule.tenant_id,
+                    rule.metric_name,
+                    rule.lower,
+                    rule.upper,
+                    rule.severity.value,
+                ],
+            )
+
+    def delete_rule(self, tenant_id: str, rule_id: str) -> bool:
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM alert_rules WHERE tenant_id = ? AND rule_id = ?", [tenant_id, rule_id]
+            )
+        return cursor.rowcount > 0
+
+    def rules(self, tenant_id: str) -> list[ThresholdRule]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM alert_rules WHERE tenant_id = ? ORDER BY rule_id", [tenant_id]
+            ).fetchall()
+        return [
+            ThresholdRule(
+                r["rule_id"],
+                r["tenant_id"],
+                r["metric_name"],
+                r["lower"],
+                r["upper"],
+                Severity(r["severity"]),
+            )
+            for r in rows
+        ]
+
+
+def _encode(tenant_id: str, at: str, alert_id: str) -> str:
+    body = json.dumps({"v": 1, "t": tenant_id, "a": at, "i": alert_id})
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def _decode(token: str, tenant_id: str) -> tuple[str, str]:
+    try:
+        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+        if body["v"] != 1 or body["t"] != tenant_id:
+            raise invalid_page_token()
+        if not isinstance(body["a"], str) or not isinstance(body["i"], str):
+            raise invalid_page_token()
+        return body["a"], body["i"]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise invalid_page_token() from exc
+
+
+def hourly_metrics(
+    store: EventStore, tenant_id: str, start: datetime, end: datetime
+) -> dict[str, np.ndarray]:
+    """Zero-filled hourly values of `METRICS` for [start, end) (whole UTC hours)."""
+    first = int(start.timestamp()) // 3600
+    hours = max(int(end.timestamp()) // 3600 - first, 0)
+    out = {name: np.zeros(hours) for name in METRICS}
+    table = store.read(_HOURLY_SQL, {"tenant": tenant_id, "start": start, "end": end})
+    for row in table.to_pylist():
+        offset = int(row["hour"]) - first
+        if 0 <= offset < hours:
+            for name in METRICS:
+                out[name][offset] = float(row[name] or 0)
+    return out
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+@dataclass
+class _TenantState:
+    detectors: dict[str, SeasonalDetector]
+    watermark: datetime  # hours before this one have been observed
+    config: DetectorConfig
+
+
+@dataclass
+class AnomalyMonitor:
+    """The streaming detection job over the event store (see the module docstring)."""
+
+    store: EventStore
+    alerts: AlertStore
+    sink: AlertSink
+    config_for: Callable[[str], DetectorConfig] = field(default=lambda _tenant: DetectorConfig())
+    _state: dict[str, _TenantState] = field(default_factory=dict)
+
+    def tenants(self, since: datetime) -> list[str]:
+        table = self.store.read(
+            f"SELECT DISTINCT tenant_id FROM {TABLE} WHERE occurred_at >= $since", {"since": since}
+        )
+        return sorted(str(t) for t in table.column("tenant_id").to_pylist())
+
+    def _state_for(self, tenant_id: str, now_hour: datetime) -> _TenantState:
+        config = self.config_for(tenant_id)
+        state = self._state.get(tenant_id)
+        if state is None or state.config != config:
+            start = now_hour - WARMUP
+            history = hourly_metrics(self.store, tenant_id, start, now_hour - HOUR)
+            detectors = {name: SeasonalDetector(config) for name in METRICS}
+            for name, values in history.items():
+                for value in values:
+                    detectors[name].observe(float(value))  # warm-up: never alerts
+            state = _TenantState(detectors, now_hour - HOUR, config)
+            self._state[tenant_id] = state
+        return state
+
+    def step(self, tenant_id: str, now: datetime) -> list[Alert]:
+        """Observes every closed hour since the last step; returns the alerts raised."""
+        now_hour = floor_hour(now)
+        state = self._state_for(tenant_id, now_hour)
+        if state.watermark >= now_hour:
+            return []
+        values = hourly_metrics(self.store, tenant_id, state.watermark, now_hour)
+        rules = self.alerts.rules(tenant_id)
+        raised: list[Alert] = []
+        for offset in range(len(values[METRICS[0]])):
+            when = state.watermark + offset * HOUR
+            for name in METRICS:
+                raised += self._observe(
+                    tenant_id, state, name, when, float(values[name][offset]), rules
+                )
+        state.watermark = now_hour
+        return raised
+
+    def _observe(
+        self,
+        tenant_id: str,
+        state: _TenantState,
+        metric: str,
+        when: datetime,
+        value: float,
+        rules: list[ThresholdRule],
+    ) -> list[Alert]:
+        detector = state.detectors.setdefault(metric, SeasonalDetector(state.config))
+        detection = detector.observe(value)
+        out: list[Alert] = []
+        if detection.anomalous and detection.severity is not None:
+            out.append(
+                Alert(
+                    alert_id=uuid.uuid4().hex,
+                    tenant_id=tenant_id,
+                    metric_name=metric,
+                    time=when,
+                    observed=value,
+                    expected=detection.expected,
+                    expected_lower=detection.lower,
+                    expected_upper=detection.upper,
+                    score=detection.score,
+                    severity=detection.severity,
+                    source="detector",
+                )
+            )
+        for rule in rules:
+            if rule.metric_name == metric:
+                alert = rule.check(when, value, detection.expected)
+                if alert is not None:
+                    out.append(alert)
+        return out
+
+    def observe(self, tenant_id: str, metric: str, when: datetime, value: float) -> list[Alert]:
+        """One value from another live source; the caller stores/publishes via `emit`."""
+        state = self._state_for(tenant_id, floor_hour(when) + HOUR)
+        return self._observe(tenant_id, state, metric, when, value, self.alerts.rules(tenant_id))
+
+    async def emit(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        await asyncio.to_thread(self.alerts.add, alerts)
+        for alert in alerts:
+            log.info(
+                "anomaly_alert",
+                tenant_id=alert.tenant_id,
+                metric=alert.metric_name,
+                severity=alert.severity.value,
+                observed=alert.observed,
+                expected=alert.expected,
+            )
+            await self.sink.publish(alert)
+
+    async def run_once(self, now: datetime | None = None) -> list[Alert]:
+        moment = now or datetime.now(UTC)
+        raised: list[Alert] = []
+        for tenant_id in await asyncio.to_thread(self.tenants, floor_hour(moment) - WARMUP):
+            raised += await asyncio.to_thread(self.step, tenant_id, moment)
+        await self.emit(raised)
+        return raised
+
+    async def run_forever(self, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.run_once()
+            except Exception:
+                # One bad pass (a store hiccup) must not end live detection.
+                log.exception("anomaly_monitor_failed")

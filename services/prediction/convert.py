@@ -1,0 +1,93 @@
+"""Proto <-> domain conversion for the prediction servicer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from bilten.analytics.prediction.v1 import prediction_service_pb2 as pb
+from google.protobuf import timestamp_pb2
+
+from services.platform.auth import Principal
+from services.prediction.alerts import Alert
+from services.prediction.churn import ScoredUser
+from services.prediction.demand import ForecastPoint, Target
+from services.prediction.registry import PLATFORM, ModelKind, ModelRecord, ModelState
+
+KINDS = {
+    pb.MODEL_KIND_CHURN: ModelKind.CHURN,
+    pb.MODEL_KIND_DEMAND_FORECAST: ModelKind.DEMAND_FORECAST,
+    pb.MODEL_KIND_REVENUE_FORECAST: ModelKind.REVENUE_FORECAST,
+    pb.MODEL_KIND_ANOMALY: ModelKind.ANOMALY,
+}
+_KIND_PROTOS = {v: k for k, v in KINDS.items()}
+_STATES = {
+    ModelState.TRAINING: pb.MODEL_STATE_TRAINING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.PROMOTED: pb.MODEL_STATE_PROMOTED,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+TARGETS = {pb.FORECAST_TARGET_TICKETS: Target.TICKETS, pb.FORECAST_TARGET_REVENUE: Target.REVENUE}
+
+
+def tenant(caller: Principal) -> str:
+    """The credential's tenant; platform-wide for a platform admin without one."""
+    if caller.tenant_id:
+        return caller.tenant_id
+    return PLATFORM
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def model(record: ModelRecord) -> pb.Model:
+    metrics = dict(record.metrics)
+    # The v1 Model has no progress field: a version in training reports it here.
+    if record.state is ModelState.TRAINING:
+        metrics["training_progress"] = record.progress
+    out = pb.Model(
+        model_id=record.model_id,
+        kind=_KIND_PROTOS[record.kind],
+        state=_STATES[record.state],
+        metrics={k: float(v) for k, v in metrics.items() if v == v},  # drop NaN
+        feature_names=list(record.feature_names),
+        create_time=timestamp(record.created_at),
+    )
+    if record.training_start:
+        out.training_start_time.CopyFrom(timestamp(record.training_start))
+    if record.training_end:
+        out.training_end_time.CopyFrom(timestamp(record.training_end))
+    return out
+
+
+def churn_prediction(scored: ScoredUser) -> pb.ChurnPrediction:
+    return pb.ChurnPrediction(
+        user_id=scored.user_id,
+        churn_probability=scored.churn_probability,
+        top_features=[
+            pb.FeatureContribution(feature=name, contribution=value)
+            for name, value in scored.top_features
+        ],
+    )
+
+
+def forecast_point(point: ForecastPoint) -> pb.ForecastPoint:
+    return pb.ForecastPoint(
+        day_start_time=timestamp(point.day_start),
+        value=point.value,
+        lower=point.lower,
+        upper=point.upper,
+    )
+
+
+def anomaly(alert: Alert) -> pb.Anomaly:
+    return pb.Anomaly(
+        metric_name=alert.metric_name,
+        time=timestamp(alert.time),
+        observed_value=alert.observed,
+        expected_lower=alert.expected_lower,
+        expected_upper=alert.expected_upper,
+        score=alert.score,
+    )

@@ -1,0 +1,45 @@
+"""Errors of the prediction service, in the platform's one error model.
+
+The v1 `ErrorReason` enum has no reason for "not enough history" or "no serving model",
+so these map onto the closest existing ones: INVALID_REQUEST (INVALID_ARGUMENT) with a
+field violation naming the input that cannot be served, and NOT_FOUND. The messages say
+exactly what is missing and how to get it.
+"""
+
+from __future__ import annotations
+
+from services.platform.errors import AnalyticsError, FieldViolation, StatusCode, invalid_request
+
+
+def insufficient_data(message: str, field: str = "kind") -> AnalyticsError:
+    """The tenant's history cannot support the model or forecast asked for."""
+    return invalid_request([FieldViolation(field, message)], message)
+
+
+def no_serving_model(kind: str) -> AnalyticsError:
+    return AnalyticsError(
+        StatusCode.NOT_FOUND,
+        "NOT_FOUND",
+        f"no promoted {kind} model in this tenant: train one with TrainModel, then "
+        "PromoteModel (the first version that beats its baseline is promoted automatically)",
+        metadata={"model_kind": kind},
+    )
+
+
+def unknown_users(user_ids: list[str], positions: list[int], as_of: str) -> AnalyticsError:
+    violations = [
+        FieldViolation(
+            f"user_ids[{i}]",
+            f"unknown user {user_ids[i]!r}: no tracked event in the 30 days before {as_of}",
+        )
+        for i in positions[:100]
+    ]
+    return AnalyticsError(
+        StatusCode.NOT_FOUND,
+        "NOT_FOUND",
+        f"{len(positions)} of {len(user_ids)} users have no recent history to score "
+        f"(first: {user_ids[positions[0]]!r}); churn is predicted for users active in the "
+        f"30 days before {as_of}",
+        field_violations=violations,
+        metadata={"unknown_user_count": str(len(positions))},
+    )

@@ -1,0 +1,120 @@
+"""PredictionService over real gRPC: the edge (auth, scopes, validation), the servicer,
+and the error model, on an in-process server bound to a free port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bilten.analytics.prediction.v1 import prediction_service_pb2 as pb
+from bilten.analytics.prediction.v1 import prediction_service_pb2_grpc as pb_grpc
+
+from services.platform.auth import ORGANIZER_ADMIN_SCOPES, Authenticator, Scope, TokenIssuer
+from services.platform.server import Registration, start_grpc_server
+from services.prediction.service import PredictionService
+from services.prediction.servicer import PredictionServicer
+from services.storage.event_store import DuckDBEventStore
+from tests.prediction.conftest import STORE_GROUP, TENANT
+from tests.prediction.test_service import SETTINGS
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group(STORE_GROUP)]
+
+
+class _NoKeys:
+    def find_api_key(self, key_id: str) -> None:
+        return None
+
+
+@pytest.fixture
+async def channel(
+    populated_store: DuckDBEventStore, tmp_path: Path
+) -> AsyncIterator[tuple[grpc.aio.Channel, TokenIssuer, PredictionService]]:
+    tokens = TokenIssuer("test-secret-of-enough-length-0123456789", "iss", "aud")
+    service = PredictionService(
+        populated_store, tmp_path, settings=SETTINGS, today=lambda: TENANT.end.date()
+    )
+    servicer = PredictionServicer(populated_store, tmp_path, service=service)
+    server, port, _ = await start_grpc_server(
+        [
+            Registration(
+                "bilten.analytics.prediction.v1.PredictionService",
+                servicer,
+                pb_grpc.add_PredictionServiceServicer_to_server,
+            )
+        ],
+        Authenticator(tokens, _NoKeys(), "pepper"),
+        "127.0.0.1",
+        0,
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+        yield chan, tokens, service
+    await server.stop(0)
+    await service.aclose()
+
+
+def auth(
+    tokens: TokenIssuer, scopes: frozenset[str] = ORGANIZER_ADMIN_SCOPES
+) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {tokens.issue('dev', TENANT.tenant_id, scopes)}")]
+
+
+async def test_train_poll_promote_predict_over_grpc(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, service = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    md = auth(tokens)
+    started = await stub.TrainModel(pb.TrainModelRequest(kind=pb.MODEL_KIND_CHURN), metadata=md)
+    assert started.model.state == pb.MODEL_STATE_TRAINING
+    model_id = started.model.model_id
+    for _ in range(600):
+        got = await stub.GetModel(pb.GetModelRequest(model_id=model_id), metadata=md)
+        if got.model.state != pb.MODEL_STATE_TRAINING:
+            break
+        await asyncio.sleep(0.1)
+    assert got.model.state == pb.MODEL_STATE_PROMOTED
+    assert got.model.metrics["roc_auc"] > got.model.metrics["baseline_recency_roc_auc"]
+    listed = await stub.ListModels(pb.ListModelsRequest(kind=pb.MODEL_KIND_CHURN), metadata=md)
+    assert [m.model_id for m in listed.models] == [model_id]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.PredictChurn(pb.PredictChurnRequest(user_ids=["nobody"]), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nobody" in (caught.value.details() or "")
+
+    _, snapshot = await asyncio.to_thread(service.churn_snapshot, TENANT.tenant_id)
+    users = [str(u) for u in snapshot.frame.user_ids[:3]]
+    response = await stub.PredictChurn(pb.PredictChurnRequest(user_ids=users), metadata=md)
+    assert [p.user_id for p in response.predictions] == users
+    assert response.model_id == model_id
+    assert len(response.predictions[0].top_features) == 5
+
+
+async def test_errors_at_the_edge(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, _ = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.TrainModel(
+            pb.TrainModelRequest(kind=pb.MODEL_KIND_CHURN),
+            metadata=auth(tokens, frozenset({Scope.PREDICTIONS_READ})),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Forecast(
+            pb.ForecastRequest(target=pb.FORECAST_TARGET_TICKETS, horizon_days=400),
+            metadata=auth(tokens),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # contract: 1-365
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.PredictChurn(pb.PredictChurnRequest(), metadata=auth(tokens))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetModel(pb.GetModelRequest(model_id="churn-nope"), metadata=auth(tokens))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    anomalies = await stub.ListAnomalies(pb.ListAnomaliesRequest(), metadata=auth(tokens))
+    assert anomalies.next_page_token == ""
