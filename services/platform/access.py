@@ -28,6 +28,9 @@ REQUIRED_SCOPES: dict[str, str] = {
         )
     },
     _INGESTION + "ListQuarantinedEvents": Scope.EVENTS_READ,
+    # Freshness of the data (lag) is what event senders and dashboards ask about; the
+    # figures are platform-wide counts, no tenant's events.
+    _INGESTION + "GetPipelineStatus": Scope.EVENTS_READ,
     **{
         _QUERY + m: Scope.ANALYTICS_READ
         for m in (

@@ -27,6 +27,7 @@ def render_envoy_config(
     admin_port: int,
     grpc_host: str,
     grpc_port: int,
+    websocket_bridge_port: int,
     descriptor_set: Path = DESCRIPTOR_SET,
 ) -> str:
     return Template(TEMPLATE.read_text()).substitute(
@@ -36,6 +37,7 @@ def render_envoy_config(
         GRPC_HOST=grpc_host,
         GRPC_PORT=grpc_port,
         DESCRIPTOR_SET=str(descriptor_set),
+        WS_BRIDGE_PORT=websocket_bridge_port,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -21,6 +22,14 @@ from opentelemetry import metrics, trace
 
 from services.platform import validation
 from services.platform.access import PER_ITEM_VALIDATION, PUBLIC_METHOD_PREFIXES, REQUIRED_SCOPES
+from services.platform.audit import (
+    RESOURCE_FIELDS,
+    AuditEvent,
+    AuditSink,
+    client_address,
+    resource_label,
+    should_audit,
+)
 from services.platform.auth import Authenticator, Principal
 from services.platform.errors import (
     ERROR_DOMAIN,
@@ -96,8 +105,9 @@ def to_rpc_status(error: AnalyticsError) -> grpc.Status:
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, audit: AuditSink | None = None) -> None:
         self._authenticator = authenticator
+        self._audit = audit
 
     async def intercept_service(
         self,
@@ -111,7 +121,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
             return handler
         metadata = {k: v for k, v in details.invocation_metadata if isinstance(v, str)}
-        edge = _Call(self._authenticator, method, metadata)
+        edge = _Call(self._authenticator, method, metadata, self._audit)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 edge.unary(handler.unary_unary),
@@ -140,11 +150,55 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class _Call:
     """The edge chain for one call."""
 
-    def __init__(self, authenticator: Authenticator, method: str, metadata: dict[str, str]):
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        method: str,
+        metadata: dict[str, str],
+        audit: AuditSink | None = None,
+    ):
         self._authenticator = authenticator
         self._method = method
         self._metadata = metadata
         self._items = PER_ITEM_VALIDATION.get(method)
+        self._audit = audit
+        self._caller: Principal | None = None
+        self._resource = ""
+        self._audited = False
+
+    def _note_resource(self, request: Message) -> None:
+        fields = request.DESCRIPTOR.fields_by_name
+        for name in RESOURCE_FIELDS:
+            if name in fields and fields[name].type == fields[name].TYPE_STRING:
+                value = getattr(request, name)
+                if value:
+                    self._resource = resource_label(name, value)
+                    return
+
+    async def _record_audit(self, context: Any, outcome: str) -> None:
+        """After the call: who, what, on what, from where, outcome (services/platform/
+        audit.py). A failure to write is logged, never turned into the call's error: the
+        call has already taken effect."""
+        if self._audit is None or self._audited or not should_audit(self._method, outcome):
+            return
+        self._audited = True
+        caller = self._caller
+        try:
+            await self._audit.record(
+                AuditEvent(
+                    tenant_id=caller.tenant_id if caller else "",
+                    actor=caller.subject if caller else "anonymous",
+                    action=self._method,
+                    resource=self._resource,
+                    peer=client_address(
+                        str(context.peer()), self._metadata.get("x-forwarded-for", "")
+                    ),
+                    outcome=outcome,
+                    at=datetime.now(UTC),
+                )
+            )
+        except Exception:
+            log.exception("audit_write_failed", method=self._method)
 
     def _admit(self) -> None:
         scope = REQUIRED_SCOPES.get(self._method)
@@ -154,6 +208,7 @@ class _Call:
             raise AnalyticsError(
                 StatusCode.PERMISSION_DENIED, "SCOPE_MISSING", "method is not exposed"
             )
+        self._caller = caller
         if not caller.has_scope(scope):
             raise scope_missing(scope)
         current_principal.set(caller)
@@ -181,6 +236,7 @@ class _Call:
         status = to_rpc_status(analytics_error)
         trace.get_current_span().set_attribute("rpc.grpc.status_code", status.code.name)
         self._record(analytics_error.code.value)
+        await self._record_audit(context, analytics_error.code.value)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _record(self, code: str, started: float | None = None) -> None:
@@ -196,6 +252,7 @@ class _Call:
             started = time.perf_counter()
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
+                    self._note_resource(request)
                     self._admit()
                     self._validate(request)
                     response = await inner(request, context)
@@ -208,6 +265,7 @@ class _Call:
                     await self._fail(context, error)
                     raise
                 self._record("OK", started)
+                await self._record_audit(context, "OK")
                 return response
 
         return behavior
@@ -220,6 +278,7 @@ class _Call:
         ) -> AsyncIterator[Message]:
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
+                    self._note_resource(request)
                     self._admit()
                     self._validate(request)
                     async for response in inner(request, context):
@@ -229,6 +288,13 @@ class _Call:
                 except Exception as error:
                     await self._fail(context, error)
                     raise
+                finally:
+                    # A client that hangs up mid-stream (or a server cancel) still leaves
+                    # a trace of what was read.
+                    if not self._audited:
+                        await self._record_audit(
+                            context, "CANCELLED" if context.cancelled() else "OK"
+                        )
                 self._record("OK")
 
         return behavior
@@ -258,6 +324,7 @@ class _Call:
                     await self._fail(context, error)
                     raise
                 self._record("OK", started)
+                await self._record_audit(context, "OK")
                 return response
 
         return behavior
@@ -278,5 +345,10 @@ class _Call:
                 except Exception as error:
                     await self._fail(context, error)
                     raise
+                finally:
+                    if not self._audited:
+                        await self._record_audit(
+                            context, "CANCELLED" if context.cancelled() else "OK"
+                        )
 
         return behavior

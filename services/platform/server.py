@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.platform.audit import AuditSink
 from services.platform.auth import Authenticator
 from services.platform.grpc_edge import EdgeInterceptor
 
@@ -28,11 +29,16 @@ class Registration:
 
 
 async def start_grpc_server(
-    registrations: list[Registration], authenticator: Authenticator, host: str, port: int
+    registrations: list[Registration],
+    authenticator: Authenticator,
+    host: str,
+    port: int,
+    audit: AuditSink | None = None,
 ) -> tuple[grpc.aio.Server, int, AsyncHealthServicer]:
-    """Starts serving; returns the server, the bound port and its health servicer."""
+    """Starts serving; returns the server, the bound port and its health servicer.
+    With `audit`, every call is recorded in the audit log (services/platform/audit.py)."""
     server = grpc.aio.server(
-        interceptors=[EdgeInterceptor(authenticator)],
+        interceptors=[EdgeInterceptor(authenticator, audit)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -6,11 +6,35 @@ non-zero) rather than discovered on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LiveAlertRule(BaseModel):
+    """A threshold alert on a live metric (services/live/thresholds.py): raised once when
+    the value leaves [lower, upper], re-armed when it is back inside."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rule_id: str = Field(min_length=1, max_length=128)
+    tenant_id: str = Field(min_length=1, max_length=64)
+    metric: Literal[
+        "active_sessions",
+        "events_last_minute",
+        "tickets_sold_today",
+        "revenue_today",
+        "views_today",
+        "active_visitors",
+    ]
+    lower: float | None = None
+    upper: float | None = None
+    severity: Literal["info", "warning", "critical"] = "warning"
+    ticketed_event_id: str = Field("", max_length=64, description="For per-event metrics.")
+    currency: str = Field("", max_length=3, description="ISO 4217; revenue_today only.")
 
 
 class PlatformSettings(BaseSettings):
@@ -160,9 +184,101 @@ class PlatformSettings(BaseSettings):
             raise ValueError("grpc_host must not be empty")
         return value
 
+    # --- compliance (docs/compliance.md) -------------------------------------------------
+    consent_default_mode: Literal["assumed", "required"] = Field(
+        "assumed",
+        description="Analytics consent for tenants without their own setting: `assumed` "
+        "stores events unless the subject withdrew; `required` only after a grant.",
+    )
+    sensitive_ip_allowlist: list[str] = Field(
+        default_factory=list,
+        description="CIDRs allowed to call erasure, export and API key management, as JSON "
+        '(e.g. ["10.0.0.0/8"]); empty allows every address.',
+    )
+    trust_forwarded_for: bool = Field(
+        False,
+        description="Take the client address for the allowlist from x-forwarded-for; only "
+        "behind a proxy (Envoy) that sets the header itself.",
+    )
+
+    @field_validator("sensitive_ip_allowlist")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return value
+
     definition_cache_seconds: float = Field(
         10.0, ge=0, le=3600, description="How long ingestion caches an event definition."
     )
+
+    # --- live streams, rollups, result cache (docs/live.md) ----------------------------
+    live_update_interval_seconds: float = Field(
+        0.5,
+        ge=0.05,
+        le=1.0,
+        description="Least time between two live-metric publishing passes; it bounds the "
+        "delay from an acknowledged event to subscribers (the contract: 1 s at most).",
+    )
+    live_heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        le=240,
+        description="Unchanged live metrics are re-sent this often, under Envoy's 5-minute "
+        "stream idle timeout, so the stream stays open and the client sees it alive.",
+    )
+    live_alert_rules: list[LiveAlertRule] = Field(
+        default_factory=list,
+        description="Threshold alerts on live metrics, as a JSON list of rules, e.g. "
+        '[{"rule_id": "r1", "tenant_id": "t1", "metric": "events_last_minute", '
+        '"upper": 1000}] (fields: see LiveAlertRule).',
+    )
+    rollup_minute_retention_days: int = Field(
+        30, ge=1, le=366, description="How long minute rollups are kept."
+    )
+    rollup_hour_retention_days: int = Field(
+        365, ge=1, le=3660, description="How long hour rollups are kept."
+    )
+    rollup_day_retention_days: int = Field(
+        1826, ge=1, le=36600, description="How long day rollups are kept (5 years)."
+    )
+    rollup_flush_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="How often new events are rolled up in the background (reads of a "
+        "rollup tier also roll up what is pending first).",
+    )
+    result_cache_ttl_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="Longest life of a cached metric result (new data of its tenant "
+        "ends it sooner); 0 disables the cache.",
+    )
+    result_cache_max_entries: int = Field(
+        10_000, ge=0, le=10_000_000, description="Cached results kept (least recently used go)."
+    )
+    websocket_bridge_port: int = Field(
+        8090,
+        ge=0,
+        le=65535,
+        description="Port of the WebSocket bridge `up` runs behind Envoy's /ws/ routes "
+        "(loopback only; 0 picks a free one).",
+    )
+
+    @field_validator("rollup_day_retention_days")
+    @classmethod
+    def _tiers_grow(cls, value: int, info: ValidationInfo) -> int:
+        tiers = [
+            info.data.get("raw_retention_days", 7),
+            info.data.get("rollup_minute_retention_days", 30),
+            info.data.get("rollup_hour_retention_days", 365),
+            value,
+        ]
+        if tiers != sorted(tiers):
+            raise ValueError("retention must grow with the tier: raw <= minute <= hour <= day")
+        return value
 
     @property
     def registry_url(self) -> str:

@@ -359,6 +359,77 @@ class DuckDBEventStore:
             # rather than guessed from inode numbers (which the filesystem reuses).
             self._fsync_directory()
 
+    def erase_subject(self, tenant_id: str, subject_id: str) -> tuple[int, int]:
+        """Deletes the tenant's rows whose `user_id` or `anonymous_id` is `subject_id`
+        and unlinks the subject from its actor key; returns (rows deleted, actor ids
+        unlinked). For erasure (services/compliance/erasure.py).
+
+        The actor row keeps its key (keys stay unique and dense) but its id becomes an
+        opaque `erased:` token, so the table no longer names the subject; the key also
+        leaves the in-memory map, so later events of the same id get a fresh key.
+        """
+        actor_ids = [f"u:{subject_id}", f"a:{subject_id}"]
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("event store is closed")
+            cursor = self._writer
+            cursor.execute("BEGIN")
+            try:
+                row = cursor.execute(
+                    f"SELECT count(*) FROM {TABLE} WHERE tenant_id = ?"
+                    " AND (user_id = ? OR anonymous_id = ?)",
+                    [tenant_id, subject_id, subject_id],
+                ).fetchone()
+                deleted = int(row[0]) if row else 0
+                cursor.execute(
+                    f"DELETE FROM {TABLE} WHERE tenant_id = ?"
+                    " AND (user_id = ? OR anonymous_id = ?)",
+                    [tenant_id, subject_id, subject_id],
+                )
+                unlinked = 0
+                for actor_id in actor_ids:
+                    found = cursor.execute(
+                        f"SELECT count(*) FROM {ACTORS_TABLE} WHERE tenant_id = ? AND actor_id = ?",
+                        [tenant_id, actor_id],
+                    ).fetchone()
+                    if found and found[0]:
+                        unlinked += int(found[0])
+                        cursor.execute(
+                            f"UPDATE {ACTORS_TABLE} SET actor_id = 'erased:' || gen_random_uuid()"
+                            " WHERE tenant_id = ? AND actor_id = ?",
+                            [tenant_id, actor_id],
+                        )
+                cursor.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    cursor.execute("ROLLBACK")
+                raise
+            for actor_id in actor_ids:
+                self._actor_keys.get(tenant_id, {}).pop(actor_id, None)
+            self._fsync_directory()
+        return deleted, unlinked
+
+    def delete_occurred_before(self, tenant_id: str, cutoff: datetime) -> int:
+        """Deletes the tenant's rows whose `occurred_at` is before `cutoff` (raw-tier
+        retention); returns how many. Actor keys stay: other rows may use them."""
+        _require_aware("cutoff", [cutoff])
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("event store is closed")
+            cursor = self._writer
+            row = cursor.execute(
+                f"SELECT count(*) FROM {TABLE} WHERE tenant_id = ? AND occurred_at < ?",
+                [tenant_id, cutoff],
+            ).fetchone()
+            count = int(row[0]) if row else 0
+            if count:
+                cursor.execute(
+                    f"DELETE FROM {TABLE} WHERE tenant_id = ? AND occurred_at < ?",
+                    [tenant_id, cutoff],
+                )
+                self._fsync_directory()
+        return count
+
     def _assign_actor_keys(self, table: pa.Table) -> tuple[pa.Array, pa.Table]:
         """Per-row actor keys, and the (tenant_id, actor_id, actor_key) rows not yet known.
 

@@ -1,4 +1,6 @@
-"""The embedded metadata store: tenants, API keys and the quarantine, in one SQLite file.
+"""The embedded metadata store: tenants, API keys, the quarantine and compliance records
+(audit log, consent, erasure requests, retention policies, used single-use token ids), in
+one SQLite file.
 
 SQLite runs in WAL mode with `synchronous = FULL`: every commit fsyncs the WAL, so what
 a method wrote survives a crash or power cut once it returns (NORMAL, the usual WAL
@@ -13,12 +15,20 @@ API keys: only `secret_hash` is kept, the hex HMAC-SHA256 of the secret keyed wi
 server pepper (`services.platform.auth.hash_api_key_secret`); the secret itself never
 reaches this module. A fast hash is right here because secrets are 256-bit random
 tokens, not passwords; the pepper keeps a stolen database from being checked offline.
+A rotated key keeps its previous hash with an expiry (`previous_valid_until`) so the old
+secret works for the grace period.
+
+Audit log: append-only per tenant, each entry's SHA-256 chained to the previous entry's
+(`audit_entry_hash`); `verify_audit_chain` recomputes the chain, so an edit of any row
+(or a deleted row in the middle) is found. Schema v2 adds these tables and the API key
+columns; a v1 file is upgraded in place when opened (columns added, nothing rewritten).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import sqlite3
 import threading
@@ -30,7 +40,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Files this build opens; older ones are upgraded by `_upgrade`.
+_READABLE_VERSIONS = (0, 1, 2)
+AUDIT_GENESIS_HASH = "0" * 64
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # SQLite caps bound parameters per statement; id lists are sent in chunks below it.
@@ -63,7 +76,69 @@ CREATE TABLE IF NOT EXISTS quarantined_events (
 -- Serves the newest-first keyset pages of one tenant.
 CREATE INDEX IF NOT EXISTS quarantined_events_page
   ON quarantined_events (tenant_id, received_at, quarantined_event_id);
+-- One hash chain per tenant ('' for platform-level actions), sequence from 1.
+CREATE TABLE IF NOT EXISTS audit_log (
+  tenant_id  TEXT NOT NULL,
+  sequence   INTEGER NOT NULL,
+  actor      TEXT NOT NULL,
+  action     TEXT NOT NULL,
+  resource   TEXT NOT NULL,
+  peer       TEXT NOT NULL,
+  outcome    TEXT NOT NULL,
+  at         TEXT NOT NULL,
+  prev_hash  TEXT NOT NULL,
+  entry_hash TEXT NOT NULL,
+  PRIMARY KEY (tenant_id, sequence)
+);
+CREATE TABLE IF NOT EXISTS consents (
+  consent_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+  tenant_id      TEXT NOT NULL,
+  subject_id     TEXT NOT NULL,
+  purpose        TEXT NOT NULL,  -- ANALYTICS | MARKETING | PERSONALISATION
+  granted        INTEGER NOT NULL,
+  source         TEXT NOT NULL,
+  policy_version TEXT NOT NULL,
+  recorded_at    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consents_by_subject ON consents (tenant_id, subject_id, consent_id);
+CREATE TABLE IF NOT EXISTS tenant_compliance_settings (
+  tenant_id    TEXT PRIMARY KEY,
+  consent_mode TEXT NOT NULL  -- 'assumed' | 'required'
+);
+CREATE TABLE IF NOT EXISTS retention_policies (
+  tenant_id          TEXT PRIMARY KEY,
+  raw_days           INTEGER NOT NULL,
+  minute_rollup_days INTEGER NOT NULL,
+  hour_rollup_days   INTEGER NOT NULL,
+  day_rollup_days    INTEGER NOT NULL,
+  updated_at         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erasure_requests (
+  erasure_request_id TEXT PRIMARY KEY,
+  tenant_id          TEXT NOT NULL,
+  request_id         TEXT NOT NULL,
+  subject_id         TEXT NOT NULL,
+  state              TEXT NOT NULL,  -- ACCEPTED | IN_PROGRESS | DONE | FAILED
+  created_at         TEXT NOT NULL,
+  deadline_at        TEXT NOT NULL,
+  finished_at        TEXT,
+  certificate_json   TEXT NOT NULL,  -- JSON list of lines
+  error_message      TEXT NOT NULL,
+  UNIQUE (tenant_id, request_id)
+);
+-- `jti`s of single-use tokens already presented (rows past `expires_at` are pruned).
+CREATE TABLE IF NOT EXISTS used_token_ids (
+  jti        TEXT PRIMARY KEY,
+  expires_at TEXT NOT NULL
+);
 """
+
+# Columns schema v2 added to v1 tables: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("api_keys", "display_name", "TEXT NOT NULL DEFAULT ''"),
+    ("api_keys", "previous_secret_hash", "TEXT"),
+    ("api_keys", "previous_valid_until", "TEXT"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +158,10 @@ class ApiKeyRecord:
     scopes: frozenset[str]
     created_at: datetime
     revoked_at: datetime | None = None
+    display_name: str = ""
+    # After a rotation: the old secret's hash and until when it still authenticates.
+    previous_secret_hash: str = ""
+    previous_valid_until: datetime | None = None
 
     @property
     def revoked(self) -> bool:
@@ -100,6 +179,98 @@ class QuarantineEntry:
     field_path: str
     message: str
     event_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audit log row: who did what to which resource, from where, with what outcome."""
+
+    tenant_id: str  # "" for platform-level actions without a tenant
+    sequence: int
+    actor: str
+    action: str
+    resource: str
+    peer: str
+    outcome: str
+    at: datetime
+    prev_hash: str
+    entry_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditChainReport:
+    """Result of recomputing one tenant's chain (`first_broken_sequence` 0 when intact)."""
+
+    tenant_id: str
+    checked_count: int
+    first_broken_sequence: int
+
+    @property
+    def intact(self) -> bool:
+        return self.first_broken_sequence == 0
+
+
+def audit_entry_hash(
+    prev_hash: str,
+    tenant_id: str,
+    sequence: int,
+    actor: str,
+    action: str,
+    resource: str,
+    peer: str,
+    outcome: str,
+    at_text: str,
+) -> str:
+    """SHA-256 (hex) over the previous entry's hash and this entry's fields.
+
+    The fields go through JSON so that no choice of field values can make two different
+    entries serialise alike (a plain separator could be smuggled inside a value).
+    """
+    body = json.dumps(
+        [prev_hash, tenant_id, sequence, actor, action, resource, peer, outcome, at_text],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentEntry:
+    """One consent decision of a subject for a purpose."""
+
+    tenant_id: str
+    subject_id: str
+    purpose: str  # ANALYTICS | MARKETING | PERSONALISATION
+    granted: bool
+    source: str
+    policy_version: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionDays:
+    """Retention per tier, in days."""
+
+    raw_days: int = 7
+    minute_rollup_days: int = 30
+    hour_rollup_days: int = 365
+    day_rollup_days: int = 1825
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureRecord:
+    """An erasure request and, when done, its certificate lines."""
+
+    erasure_request_id: str
+    tenant_id: str
+    request_id: str
+    subject_id: str
+    state: str  # ACCEPTED | IN_PROGRESS | DONE | FAILED
+    created_at: datetime
+    deadline_at: datetime
+    finished_at: datetime | None = None
+    certificate: tuple[str, ...] = ()
+    error_message: str = ""
 
 
 class AlreadyExistsError(Exception):
@@ -187,6 +358,11 @@ def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
         scopes=frozenset(row["scopes"].split()),
         created_at=_from_text(row["created_at"]),
         revoked_at=_from_text(row["revoked_at"]) if row["revoked_at"] else None,
+        display_name=row["display_name"],
+        previous_secret_hash=row["previous_secret_hash"] or "",
+        previous_valid_until=(
+            _from_text(row["previous_valid_until"]) if row["previous_valid_until"] else None
+        ),
     )
 
 
@@ -221,7 +397,7 @@ class SQLiteMetadataStore:
         self._conn.execute("PRAGMA busy_timeout = 5000")
         with self._transaction():
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in _READABLE_VERSIONS:
                 raise RuntimeError(
                     f"{self.path} has metadata schema v{version}; this build reads "
                     f"v{SCHEMA_VERSION}"
@@ -229,7 +405,16 @@ class SQLiteMetadataStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
+            self._upgrade()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _upgrade(self) -> None:
+        """Adds the v2 columns to tables a v1 file created (CREATE IF NOT EXISTS left
+        them as they were)."""
+        for table, column, definition in _ADDED_COLUMNS:
+            present = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -294,7 +479,7 @@ class SQLiteMetadataStore:
             with self._transaction() as conn:
                 conn.execute(
                     "INSERT INTO api_keys (key_id, tenant_id, secret_hash, scopes, created_at,"
-                    " revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    " revoked_at, display_name) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -302,6 +487,7 @@ class SQLiteMetadataStore:
                         " ".join(sorted(key.scopes)),
                         _to_text(key.created_at),
                         _to_text(key.revoked_at) if key.revoked_at else None,
+                        key.display_name,
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -417,3 +603,339 @@ class SQLiteMetadataStore:
                 )
                 deleted += cursor.rowcount
         return deleted
+
+    # --- API key rotation --------------------------------------------------------------
+
+    def rotate_api_key(
+        self, tenant_id: str, key_id: str, new_secret_hash: str, previous_valid_until: datetime
+    ) -> ApiKeyRecord | None:
+        """Replaces the secret hash, keeping the current one valid until
+        `previous_valid_until`; None when the tenant has no such active key."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE api_keys SET previous_secret_hash = secret_hash,"
+                " previous_valid_until = ?, secret_hash = ?"
+                " WHERE tenant_id = ? AND key_id = ? AND revoked_at IS NULL",
+                (_to_text(previous_valid_until), new_secret_hash, tenant_id, key_id),
+            )
+            if cursor.rowcount == 0:
+                return None
+            row = conn.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return _api_key(row)
+
+    # --- single-use tokens -------------------------------------------------------------
+
+    def burn_token_id(self, jti: str, expires_at: datetime, now: datetime) -> bool:
+        """Records a single-use token id; False when it was presented before.
+
+        Expired ids are pruned here: their tokens fail the expiry check anyway, so the
+        table only ever holds ids of tokens still alive.
+        """
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM used_token_ids WHERE expires_at < ?", (_to_text(now),))
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO used_token_ids (jti, expires_at) VALUES (?, ?)",
+                (jti, _to_text(expires_at)),
+            )
+            return cursor.rowcount == 1
+
+    # --- audit log ---------------------------------------------------------------------
+
+    def append_audit(
+        self,
+        tenant_id: str,
+        actor: str,
+        action: str,
+        resource: str,
+        peer: str,
+        outcome: str,
+        at: datetime,
+    ) -> AuditRecord:
+        """Appends one entry to the tenant's chain. The previous hash is read inside the
+        same IMMEDIATE transaction, so concurrent writers (threads or processes) cannot
+        fork the chain."""
+        at_text = _to_text(at)
+        with self._transaction() as conn:
+            last = conn.execute(
+                "SELECT sequence, entry_hash FROM audit_log WHERE tenant_id = ?"
+                " ORDER BY sequence DESC LIMIT 1",
+                (tenant_id,),
+            ).fetchone()
+            sequence = (last["sequence"] if last else 0) + 1
+            prev_hash = last["entry_hash"] if last else AUDIT_GENESIS_HASH
+            entry_hash = audit_entry_hash(
+                prev_hash, tenant_id, sequence, actor, action, resource, peer, outcome, at_text
+            )
+            conn.execute(
+                "INSERT INTO audit_log (tenant_id, sequence, actor, action, resource, peer,"
+                " outcome, at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant_id,
+                    sequence,
+                    actor,
+                    action,
+                    resource,
+                    peer,
+                    outcome,
+                    at_text,
+                    prev_hash,
+                    entry_hash,
+                ),
+            )
+        return AuditRecord(
+            tenant_id, sequence, actor, action, resource, peer, outcome,
+            _from_text(at_text), prev_hash, entry_hash,
+        )  # fmt: skip
+
+    def list_audit(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditRecord], str]:
+        """One page of the tenant's entries, newest first; the token is "" on the last."""
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before = 2**62
+        if page_token:
+            _, last = _decode_page_token(tenant_id, page_token)
+            if not last.isdigit():
+                raise InvalidPageTokenError("malformed page token")
+            before = int(last)
+        rows = self._query(
+            "SELECT * FROM audit_log WHERE tenant_id = ? AND sequence < ?"
+            " ORDER BY sequence DESC LIMIT ?",
+            (tenant_id, before, size + 1),
+        )
+        page = [_audit(r) for r in rows[:size]]
+        token = (
+            _encode_page_token(tenant_id, "", str(page[-1].sequence)) if len(rows) > size else ""
+        )
+        return page, token
+
+    def audit_tenants(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT DISTINCT tenant_id FROM audit_log ORDER BY 1")]
+
+    def verify_audit_chain(self, tenant_id: str) -> AuditChainReport:
+        """Recomputes the tenant's chain from its first entry; reports the first entry
+        whose stored hash, predecessor link or sequence does not match."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT * FROM audit_log WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
+            )
+            prev_hash = AUDIT_GENESIS_HASH
+            checked = 0
+            for row in cursor:
+                checked += 1
+                expected = audit_entry_hash(
+                    prev_hash,
+                    row["tenant_id"],
+                    row["sequence"],
+                    row["actor"],
+                    row["action"],
+                    row["resource"],
+                    row["peer"],
+                    row["outcome"],
+                    row["at"],
+                )
+                if (
+                    row["sequence"] != checked
+                    or row["prev_hash"] != prev_hash
+                    or row["entry_hash"] != expected
+                ):
+                    return AuditChainReport(tenant_id, checked, checked)
+                prev_hash = row["entry_hash"]
+        return AuditChainReport(tenant_id, checked, 0)
+
+    # --- consent -----------------------------------------------------------------------
+
+    def add_consent(self, entry: ConsentEntry) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO consents (tenant_id, subject_id, purpose, granted, source,"
+                " policy_version, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.tenant_id,
+                    entry.subject_id,
+                    entry.purpose,
+                    int(entry.granted),
+                    entry.source,
+                    entry.policy_version,
+                    _to_text(entry.recorded_at),
+                ),
+            )
+
+    def consent_history(self, tenant_id: str, subject_id: str) -> list[ConsentEntry]:
+        """Every decision of the subject, newest first."""
+        rows = self._query(
+            "SELECT * FROM consents WHERE tenant_id = ? AND subject_id = ?"
+            " ORDER BY consent_id DESC",
+            (tenant_id, subject_id),
+        )
+        return [_consent(r) for r in rows]
+
+    def latest_consents(self, purpose: str) -> list[ConsentEntry]:
+        """The latest decision for `purpose` of every subject of every tenant (to warm
+        the ingestion consent cache at start)."""
+        rows = self._query(
+            "SELECT c.* FROM consents c JOIN (SELECT max(consent_id) AS id FROM consents"
+            " WHERE purpose = ? GROUP BY tenant_id, subject_id) m ON c.consent_id = m.id",
+            (purpose,),
+        )
+        return [_consent(r) for r in rows]
+
+    def delete_consents(self, tenant_id: str, subject_id: str) -> int:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM consents WHERE tenant_id = ? AND subject_id = ?",
+                (tenant_id, subject_id),
+            )
+            return cursor.rowcount
+
+    def set_consent_mode(self, tenant_id: str, mode: str) -> None:
+        if mode not in ("assumed", "required"):
+            raise ValueError(f"consent mode must be 'assumed' or 'required', got {mode!r}")
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO tenant_compliance_settings (tenant_id, consent_mode) VALUES (?, ?)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET consent_mode = excluded.consent_mode",
+                (tenant_id, mode),
+            )
+
+    def consent_modes(self) -> dict[str, str]:
+        rows = self._query("SELECT tenant_id, consent_mode FROM tenant_compliance_settings")
+        return {r[0]: r[1] for r in rows}
+
+    # --- retention ---------------------------------------------------------------------
+
+    def get_retention(self, tenant_id: str) -> RetentionDays | None:
+        rows = self._query("SELECT * FROM retention_policies WHERE tenant_id = ?", (tenant_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return RetentionDays(
+            r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
+        )
+
+    def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO retention_policies (tenant_id, raw_days, minute_rollup_days,"
+                " hour_rollup_days, day_rollup_days, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET raw_days = excluded.raw_days,"
+                " minute_rollup_days = excluded.minute_rollup_days,"
+                " hour_rollup_days = excluded.hour_rollup_days,"
+                " day_rollup_days = excluded.day_rollup_days, updated_at = excluded.updated_at",
+                (
+                    tenant_id,
+                    policy.raw_days,
+                    policy.minute_rollup_days,
+                    policy.hour_rollup_days,
+                    policy.day_rollup_days,
+                    _to_text(at),
+                ),
+            )
+
+    # --- erasure -----------------------------------------------------------------------
+
+    def create_erasure(self, record: ErasureRecord) -> tuple[ErasureRecord, bool]:
+        """Stores a new request, or returns the tenant's existing one with the same
+        `request_id` (idempotent retry). The bool is True when it was created."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM erasure_requests WHERE tenant_id = ? AND request_id = ?",
+                (record.tenant_id, record.request_id),
+            ).fetchone()
+            if row is not None:
+                return _erasure(row), False
+            conn.execute(
+                "INSERT INTO erasure_requests (erasure_request_id, tenant_id, request_id,"
+                " subject_id, state, created_at, deadline_at, finished_at, certificate_json,"
+                " error_message) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, '[]', '')",
+                (
+                    record.erasure_request_id,
+                    record.tenant_id,
+                    record.request_id,
+                    record.subject_id,
+                    record.state,
+                    _to_text(record.created_at),
+                    _to_text(record.deadline_at),
+                ),
+            )
+        return record, True
+
+    def update_erasure(
+        self,
+        erasure_request_id: str,
+        state: str,
+        finished_at: datetime | None = None,
+        certificate: Sequence[str] = (),
+        error_message: str = "",
+    ) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE erasure_requests SET state = ?, finished_at = ?, certificate_json = ?,"
+                " error_message = ? WHERE erasure_request_id = ?",
+                (
+                    state,
+                    _to_text(finished_at) if finished_at else None,
+                    json.dumps(list(certificate)),
+                    error_message,
+                    erasure_request_id,
+                ),
+            )
+
+    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
+        rows = self._query(
+            "SELECT * FROM erasure_requests WHERE tenant_id = ? AND erasure_request_id = ?",
+            (tenant_id, erasure_request_id),
+        )
+        return _erasure(rows[0]) if rows else None
+
+    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]:
+        """Ids of the tenant's quarantined events whose stored JSON contains `needle` (a
+        JSON-quoted subject id), for erasure: rejected events hold PII too."""
+        rows = self._query(
+            "SELECT quarantined_event_id FROM quarantined_events WHERE tenant_id = ?"
+            " AND instr(event_json, ?) > 0",
+            (tenant_id, needle),
+        )
+        return [r[0] for r in rows]
+
+
+def _audit(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(
+        tenant_id=row["tenant_id"],
+        sequence=row["sequence"],
+        actor=row["actor"],
+        action=row["action"],
+        resource=row["resource"],
+        peer=row["peer"],
+        outcome=row["outcome"],
+        at=_from_text(row["at"]),
+        prev_hash=row["prev_hash"],
+        entry_hash=row["entry_hash"],
+    )
+
+
+def _consent(row: sqlite3.Row) -> ConsentEntry:
+    return ConsentEntry(
+        tenant_id=row["tenant_id"],
+        subject_id=row["subject_id"],
+        purpose=row["purpose"],
+        granted=bool(row["granted"]),
+        source=row["source"],
+        policy_version=row["policy_version"],
+        recorded_at=_from_text(row["recorded_at"]),
+    )
+
+
+def _erasure(row: sqlite3.Row) -> ErasureRecord:
+    return ErasureRecord(
+        erasure_request_id=row["erasure_request_id"],
+        tenant_id=row["tenant_id"],
+        request_id=row["request_id"],
+        subject_id=row["subject_id"],
+        state=row["state"],
+        created_at=_from_text(row["created_at"]),
+        deadline_at=_from_text(row["deadline_at"]),
+        finished_at=_from_text(row["finished_at"]) if row["finished_at"] else None,
+        certificate=tuple(json.loads(row["certificate_json"])),
+        error_message=row["error_message"],
+    )

@@ -1,0 +1,136 @@
+"""Erasure of a subject (user id or anonymous id) within one tenant, with a certificate.
+
+What is built (the embedded shape): the subject's rows are deleted from the event store,
+its actor id is unlinked, its quarantined events and consent history are deleted, and the
+request keeps a certificate saying what was erased where and when. Requests are
+idempotent on the client's `request_id`; a retry of a request that failed or was cut
+short runs the erasure again (every step is safe to repeat).
+
+What is not built: crypto-shredding (per-subject keys encrypting PII at ingestion), so
+copies outside the embedded stores (a Kafka topic, a Pinot table) are not reached; the
+certificate says so in a line of its own rather than claiming them (docs/compliance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from services.compliance.consent import ConsentRegistry
+from services.storage.metadata_store import ErasureRecord
+
+log = structlog.get_logger(__name__)
+
+# GDPR art. 12(3): one month to act on a request.
+ERASURE_DEADLINE = timedelta(days=30)
+
+
+class ErasureStore(Protocol):
+    def create_erasure(self, record: ErasureRecord) -> tuple[ErasureRecord, bool]: ...
+    def update_erasure(
+        self,
+        erasure_request_id: str,
+        state: str,
+        finished_at: datetime | None = None,
+        certificate: Sequence[str] = (),
+        error_message: str = "",
+    ) -> None: ...
+    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None: ...
+    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]: ...
+    def delete_quarantined(self, tenant_id: str, ids: Sequence[str]) -> int: ...
+
+
+class SubjectRows(Protocol):
+    def erase_subject(self, tenant_id: str, subject_id: str) -> tuple[int, int]: ...
+
+
+class ErasureService:
+    def __init__(
+        self,
+        store: ErasureStore,
+        rows: SubjectRows,
+        consent: ConsentRegistry,
+        copies_elsewhere: Sequence[str] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        after_erase: Callable[[str], None] = lambda tenant_id: None,
+    ) -> None:
+        self._store = store
+        self._rows = rows
+        self._consent = consent
+        # Stores holding copies this build cannot erase (e.g. a Kafka topic), named in
+        # every certificate so it never over-claims.
+        self._copies_elsewhere = tuple(copies_elsewhere)
+        self._clock = clock
+        # Drops cached query results of the tenant: a cached answer computed before the
+        # erasure would otherwise still show the subject's rows.
+        self._after_erase = after_erase
+
+    def create(self, tenant_id: str, request_id: str, subject_id: str) -> ErasureRecord:
+        """Accepts the request and runs it; a retry with the same `request_id` returns
+        the stored request (re-running it unless it is DONE)."""
+        now = self._clock()
+        record, created = self._store.create_erasure(
+            ErasureRecord(
+                erasure_request_id=f"er_{uuid.uuid4().hex}",
+                tenant_id=tenant_id,
+                request_id=request_id,
+                subject_id=subject_id,
+                state="ACCEPTED",
+                created_at=now,
+                deadline_at=now + ERASURE_DEADLINE,
+            )
+        )
+        if not created and record.subject_id != subject_id:
+            # The same request_id names another subject: a client bug, never a reason
+            # to erase the first subject again or the second one silently.
+            raise ValueError("request_id was already used for another subject_id")
+        if not created and record.state == "DONE":
+            return record
+        self._run(record)
+        stored = self._store.get_erasure(tenant_id, record.erasure_request_id)
+        assert stored is not None
+        return stored
+
+    def get(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
+        return self._store.get_erasure(tenant_id, erasure_request_id)
+
+    def _run(self, record: ErasureRecord) -> None:
+        tenant_id, subject_id = record.tenant_id, record.subject_id
+        self._store.update_erasure(record.erasure_request_id, "IN_PROGRESS")
+        try:
+            rows, actors = self._rows.erase_subject(tenant_id, subject_id)
+            quarantined = self._store.quarantined_ids_mentioning(tenant_id, json.dumps(subject_id))
+            removed_quarantine = self._store.delete_quarantined(tenant_id, quarantined)
+            consents = self._consent.forget(tenant_id, subject_id)
+            self._after_erase(tenant_id)
+        except Exception as exc:
+            log.exception("erasure_failed", erasure_request_id=record.erasure_request_id)
+            self._store.update_erasure(
+                record.erasure_request_id,
+                "FAILED",
+                self._clock(),
+                error_message=f"{type(exc).__name__}: {exc}; retry with the same request_id",
+            )
+            return
+        finished = self._clock()
+        when = finished.strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = [
+            f"{when} event store (tracked_events): {rows} rows deleted"
+            " (user_id or anonymous_id = subject)",
+            f"{when} event store (tenant_actors): {actors} actor ids unlinked",
+            f"{when} metadata store (quarantined_events): {removed_quarantine} entries deleted",
+            f"{when} metadata store (consents): {consents} decisions deleted",
+            f"{when} rollups (rollups.duckdb): aggregates kept; they hold the subject's"
+            " former actor key, now linked to no id, and order ids (not erased)",
+            f"{when} query result cache: the tenant's entries dropped",
+            f"{when} exports: none kept by the platform",
+            f"{when} audit log: keeps only a pseudonymous hash of the subject id",
+            *(f"{when} NOT ERASED: {where} (crypto-shredding not built)" for where in
+              self._copies_elsewhere),
+        ]  # fmt: skip
+        self._store.update_erasure(record.erasure_request_id, "DONE", finished, lines)
