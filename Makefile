@@ -35,6 +35,7 @@ typecheck: install
 
 generate: install
 	$(BIN)/python scripts/proto.py generate
+	$(BIN)/python k8s/generate.py
 
 generate-check: install
 	$(BIN)/python scripts/proto.py check

@@ -50,12 +50,15 @@ async def _up(args: argparse.Namespace) -> int:
     from services.platform.settings import PlatformSettings
     from services.platform.telemetry import configure_telemetry
     from services.streaming.avro_envelope import register_envelope_schema
+    from services.websocket_bridge.server import WebSocketBridge
 
     settings = _settings(args)
     assert isinstance(settings, PlatformSettings)
-    configure_telemetry("bilten-analytics", settings.metrics_port)
+    configure_telemetry("bilten-analytics", settings.metrics_port, settings.metrics_host)
     mesh = Mesh.open(settings)
     registry = mesh.registry()
+    # WebSockets of the live streams, behind Envoy's /ws/ routes (docs/live.md).
+    bridge: WebSocketBridge | None = None
     try:
         await registry.start()
         # The tracked-event envelope lives in the registry from the first start, under
@@ -64,6 +67,8 @@ async def _up(args: argparse.Namespace) -> int:
             register_envelope_schema, settings.registry_url, mesh.platform_token()
         )
         port = await mesh.start(SERVICE_NAMES)
+        bridge = WebSocketBridge(f"{settings.grpc_host}:{port}")
+        websocket_port = await bridge.start("127.0.0.1", settings.websocket_bridge_port)
         credentials = mesh.ensure_dev_credentials()
         data_dir = Path(settings.data_dir)
         config_path = data_dir / "envoy.yaml"
@@ -74,9 +79,12 @@ async def _up(args: argparse.Namespace) -> int:
                 admin_port=settings.envoy_admin_port,
                 grpc_host=settings.grpc_host,
                 grpc_port=port,
+                websocket_bridge_port=websocket_port,
             )
         )
     except BaseException:
+        if bridge is not None:
+            await bridge.stop()
         await mesh.stop()
         await registry.stop()
         raise
@@ -87,7 +95,8 @@ async def _up(args: argparse.Namespace) -> int:
         print(
             f"\nBilten Analytics is up (event log: {settings.event_log}; DuckDB + SQLite)\n"
             f"  gRPC      {settings.grpc_host}:{port}   (health, reflection on)\n"
-            f"  REST      http://127.0.0.1:{settings.http_port}   (Envoy)\n"
+            f"  REST      http://127.0.0.1:{settings.http_port}   (Envoy; SSE for streams)\n"
+            f"  WebSocket ws://127.0.0.1:{settings.http_port}/ws/analytics/live   (Envoy)\n"
             f"  registry  http://127.0.0.1:{settings.schema_registry_port}   (Confluent API)\n"
             f"  metrics   http://127.0.0.1:{settings.metrics_port}/metrics\n"
             f"  data      {data_dir.resolve()}\n"
@@ -111,6 +120,7 @@ async def _up(args: argparse.Namespace) -> int:
                 await asyncio.wait_for(envoy.wait(), 10)
             if envoy.returncode is None:
                 envoy.kill()
+        await bridge.stop()
         await mesh.stop()
         await registry.stop()
 
@@ -148,10 +158,13 @@ async def _serve(args: argparse.Namespace) -> int:
             metadata.close()
         return 0
     assert isinstance(settings, PlatformSettings)
-    configure_telemetry(f"bilten-analytics-{args.service}", settings.metrics_port)
+    configure_telemetry(
+        f"bilten-analytics-{args.service}", settings.metrics_port, settings.metrics_host
+    )
     mesh = Mesh.open(settings)
     port = await mesh.start((args.service,))
-    mesh.ensure_dev_credentials()
+    if settings.create_dev_credentials:
+        mesh.ensure_dev_credentials()
     print(f"{args.service} serving gRPC on {settings.grpc_host}:{port}", flush=True)
     stop = _stop_event()
     try:
@@ -212,7 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     bench.add_argument("what", choices=["ingest", "query"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    audit = sub.add_parser("audit", help="check the audit log's hash chains")
+    audit.add_argument("action", choices=["verify"])
+    retention = sub.add_parser("retention", help="enforce retention (dry run unless --apply)")
+    retention.add_argument("action", choices=["enforce"])
+    retention.add_argument("--apply", action="store_true", help="delete, not only count")
+    for p in (audit, retention):
+        p.add_argument("--data-dir", default=os.environ.get("BILTEN_DATA_DIR", ".bilten"))
     args = parser.parse_args(argv)
+    if args.command in ("audit", "retention"):
+        from services.compliance import commands
+
+        if args.command == "audit":
+            return commands.audit_verify(Path(args.data_dir))
+        return commands.retention_enforce(Path(args.data_dir), args.apply)
     if args.command == "bench":
         return _bench(args)
     if args.command == "pinot":

@@ -47,6 +47,15 @@ class PlatformSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int = Field(8080, ge=0, le=65535, description="Envoy REST gateway port.")
     envoy_admin_port: int = Field(9901, ge=0, le=65535, description="Envoy admin port.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the Prometheus endpoint binds; 0.0.0.0 in a pod so it can be scraped.",
+    )
+    create_dev_credentials: bool = Field(
+        True,
+        description="Create a dev tenant, write key and tokens in <data_dir>/credentials.json "
+        "at start (the one-machine default); off in the cluster.",
+    )
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Prometheus scrape port; 0 disables it."
     )

@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 _configured = False
 
 
-def configure_telemetry(service_name: str, metrics_port: int) -> None:
+def configure_telemetry(service_name: str, metrics_port: int, metrics_host: str = "127.0.0.1") -> None:
     """Installs the global tracer and meter providers once per process."""
     global _configured
     if _configured:
@@ -39,7 +39,7 @@ def configure_telemetry(service_name: str, metrics_port: int) -> None:
     readers = []
     if metrics_port:
         readers.append(PrometheusMetricReader())
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
 
 
