@@ -250,6 +250,9 @@ against those settings. `bilten.coreEnv` is what every process needs (the regist
   value: {{ $root.Values.grpc.port | quote }}
 - name: BILTEN_METRICS_PORT
   value: {{ $root.Values.metrics.port | quote }}
+# Prometheus scrapes the pod IP, so the endpoint listens on every interface.
+- name: BILTEN_METRICS_HOST
+  value: "0.0.0.0"
 {{ include "bilten.coreEnv" . }}
 - name: BILTEN_EVENT_LOG
   value: {{ $p.eventLog | quote }}
