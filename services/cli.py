@@ -64,7 +64,10 @@ async def _up(args: argparse.Namespace) -> int:
         # The tracked-event envelope lives in the registry from the first start, under
         # the event topic's value subject (TopicNameStrategy), whichever event log runs.
         await asyncio.to_thread(
-            register_envelope_schema, settings.registry_url, mesh.platform_token()
+            register_envelope_schema,
+            settings.registry_url,
+            mesh.platform_token(),
+            settings.kafka_events_topic,
         )
         port = await mesh.start(SERVICE_NAMES)
         bridge = WebSocketBridge(f"{settings.grpc_host}:{port}")

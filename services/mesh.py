@@ -24,8 +24,14 @@ from bilten.analytics.query.v1 import query_service_pb2_grpc as query_grpc
 
 from schema_registry.server import EmbeddedRegistry
 from schema_registry.settings import RegistrySettings
+from services.aggregation.runtime import AggregationRuntime
 from services.aggregation.servicer import AggregationServicer
-from services.compliance.servicer import ComplianceServicer
+from services.compliance.api_keys import ApiKeyManager
+from services.compliance.consent import ConsentMode, ConsentRegistry
+from services.compliance.erasure import ErasureService
+from services.compliance.network import IpAllowlist
+from services.compliance.retention import RetentionPolicies
+from services.compliance.servicer import ComplianceDomain, ComplianceServicer
 from services.ingestion.dedup import DedupWindow
 from services.ingestion.definitions import RegistryEventDefinitions
 from services.ingestion.enrichment import Enricher
@@ -33,6 +39,7 @@ from services.ingestion.pipeline import EventLog, IngestionPipeline, PipelineLim
 from services.ingestion.rate_limit import TokenBucketLimiter
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
+from services.platform.audit import AuditLog
 from services.platform.auth import (
     ORGANIZER_ADMIN_SCOPES,
     WRITE_KEY_SCOPES,
@@ -49,6 +56,7 @@ from services.platform.secrets_file import Secrets, load_secrets
 from services.platform.server import Registration, start_grpc_server
 from services.platform.settings import PlatformSettings
 from services.platform.telemetry import observe_gauge
+from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
 from services.query.servicer import QueryServicer
 from services.storage.event_store import DuckDBEventStore
@@ -78,6 +86,10 @@ class Mesh:
     server: grpc.aio.Server | None = None
     port: int = 0
     streaming: KafkaStreaming | None = None  # set when settings.event_log == "kafka"
+    consent: ConsentRegistry | None = None
+    audit: AuditLog | None = None
+    # Live hubs, rollups and result cache (services/aggregation/runtime.py).
+    aggregation: AggregationRuntime | None = None
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -89,7 +101,11 @@ class Mesh:
         event_store = DuckDBEventStore(data_dir / "events.duckdb")
         event_log = GroupCommitter(event_store, max_pending_events=settings.max_pending_events)
         tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
-        authenticator = Authenticator(tokens, metadata, secrets.api_key_pepper)
+        # The metadata store burns the ids of single-use tokens (erasure needs one).
+        authenticator = Authenticator(
+            tokens, metadata, secrets.api_key_pepper, used_token_ids=metadata
+        )
+        consent = ConsentRegistry(metadata, ConsentMode(settings.consent_default_mode))
         # Ingestion reads event definitions from the registry with its own service token:
         # read-only, confined to the platform pseudo-tenant for writes.
         registry_token = tokens.issue(
@@ -111,6 +127,7 @@ class Mesh:
                 tokens.issue("streaming", "", frozenset({Scope.ADMIN}), ttl_seconds=365 * 86_400),
             )
             append_to = streaming.event_log
+        aggregation = AggregationRuntime(settings, event_store)
         dedup = DedupWindow(settings.dedup_window_seconds)
         since = datetime.now(UTC) - timedelta(seconds=settings.dedup_window_seconds)
         dedup.warm(list(event_store.event_ids_since(since)), time.time())
@@ -128,6 +145,10 @@ class Mesh:
             append_to,
             MetadataQuarantine(metadata),
             definitions,
+            consent=consent,
+            # Embedded: events are durable once appended here. With Kafka the processor
+            # reports them after its store commit instead (never both: no double count).
+            on_accepted=aggregation.observe_events if streaming is None else None,
         )
         observe_gauge(
             "bilten_dedup_window_ids", "Event ids held in the dedup window", lambda: len(dedup)
@@ -142,6 +163,9 @@ class Mesh:
             authenticator,
             pipeline,
             streaming=streaming,
+            consent=consent,
+            audit=AuditLog(metadata),
+            aggregation=aggregation,
         )
 
     @property
@@ -167,28 +191,77 @@ class Mesh:
             ),
             "query": Registration(
                 "bilten.analytics.query.v1.QueryService",
-                QueryServicer(self.event_store),  # type: ignore[abstract]
+                QueryServicer(self.event_store, reports_path=self.metadata.path),
                 query_grpc.add_QueryServiceServicer_to_server,
             ),
             "aggregation": Registration(
                 "bilten.analytics.aggregation.v1.AggregationService",
-                AggregationServicer(self.event_store),  # type: ignore[abstract]
+                AggregationServicer(
+                    self.event_store,
+                    reads=self.aggregation.reads if self.aggregation else None,
+                    cache=self.aggregation.cache if self.aggregation else None,
+                    live=self.aggregation.live if self.aggregation else None,
+                    alerts=self.aggregation.alerts if self.aggregation else None,
+                ),
                 aggregation_grpc.add_AggregationServiceServicer_to_server,
             ),
             "compliance": Registration(
                 "bilten.analytics.compliance.v1.ComplianceService",
-                ComplianceServicer(),  # type: ignore[abstract]
+                ComplianceServicer(self.compliance_domain()),
                 compliance_grpc.add_ComplianceServiceServicer_to_server,
             ),
             "prediction": Registration(
                 "bilten.analytics.prediction.v1.PredictionService",
-                PredictionServicer(),  # type: ignore[abstract]
+                PredictionServicer(
+                    self.event_store,
+                    Path(self.settings.data_dir),
+                    # Anomaly alerts go to StreamAlerts through the aggregation's hub.
+                    service=PredictionService(
+                        self.event_store,
+                        Path(self.settings.data_dir),
+                        sink=self.aggregation.alerts if self.aggregation else None,
+                    ),
+                ),
                 prediction_grpc.add_PredictionServiceServicer_to_server,
             ),
         }
         return [available[name] for name in services]
 
+    def compliance_domain(self) -> ComplianceDomain:
+        assert self.consent is not None and self.audit is not None
+        settings = self.settings
+        elsewhere = []
+        if settings.event_log == "kafka":
+            elsewhere = [
+                f"Kafka topic {settings.kafka_events_topic}",
+                f"Pinot table {settings.pinot_table}",
+            ]
+        return ComplianceDomain(
+            consent=self.consent,
+            erasure=ErasureService(
+                self.metadata,
+                self.event_store,
+                self.consent,
+                elsewhere,
+                after_erase=self._drop_cached_results,
+            ),
+            events=self.event_store,
+            retention=RetentionPolicies(self.metadata),
+            audit=self.audit,
+            api_keys=ApiKeyManager(
+                self.metadata, self.secrets.api_key_pepper, self.authenticator.forget_api_key
+            ),
+            allowlist=IpAllowlist(settings.sensitive_ip_allowlist, settings.trust_forwarded_for),
+        )
+
+    def _drop_cached_results(self, tenant_id: str) -> None:
+        if self.aggregation is not None:
+            self.aggregation.cache.invalidate([tenant_id])
+
     async def start(self, services: tuple[str, ...] = SERVICE_NAMES) -> int:
+        if self.aggregation is not None and "aggregation" in services:
+            # Before the server and the processor: rollups rebuilt, live numbers seeded.
+            await self.aggregation.start(self.streaming.live_feed if self.streaming else None)
         if self.streaming is not None:
             await self.streaming.start()
             if any(name in PROCESSOR_HOSTS for name in services):
@@ -198,17 +271,26 @@ class Mesh:
             self.authenticator,
             self.settings.grpc_host,
             self.settings.grpc_port,
+            audit=self.audit,
         )
         return self.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.aggregation is not None:
+            await self.aggregation.end_streams()  # live streams would hold `grace` up
         if self.server is not None:
             await self.server.stop(grace)
         if self.streaming is not None:
             await self.streaming.close()
         await self.event_log.close()
+        if self.aggregation is not None:
+            await self.aggregation.close()  # last rollup flush, after the last append
         self.event_store.close()
         self.metadata.close()
+
+    def platform_token(self, ttl_seconds: int = 3600) -> str:
+        """A short-lived platform-admin token for the platform's own set-up calls."""
+        return self.tokens.issue("bilten-platform", "", frozenset({Scope.ADMIN}), ttl_seconds)
 
     def registry(self) -> EmbeddedRegistry:
         """The schema registry on the embedded metadata: SQLite next to the other stores,

@@ -19,6 +19,7 @@ from services.platform.errors import FieldViolation, invalid_request, not_found
 from services.platform.grpc_edge import current_item_violations, principal
 from services.platform.validation import violations
 from services.storage.metadata_store import QuarantineEntry
+from services.streaming.status import PipelineStatusSource
 
 MAX_NOT_ACCEPTED_RESULTS = 1000
 
@@ -54,10 +55,19 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+_EVENT_LOG_KINDS = {"embedded": pb.EVENT_LOG_KIND_EMBEDDED, "kafka": pb.EVENT_LOG_KIND_KAFKA}
+
+
 class IngestionServicer(pb_grpc.IngestionServiceServicer):
-    def __init__(self, pipeline: IngestionPipeline, quarantine: QuarantineReader) -> None:
+    def __init__(
+        self,
+        pipeline: IngestionPipeline,
+        quarantine: QuarantineReader,
+        pipeline_status: PipelineStatusSource | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._quarantine = quarantine
+        self._pipeline_status = pipeline_status
 
     async def _ingest_batch(
         self,
@@ -208,4 +218,28 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         await self._quarantine.delete_quarantined(caller.tenant_id, ids)
         return pb.ReplayQuarantinedEventsResponse(
             results=[convert.ingest_result(o) for o in outcomes]
+        )
+
+    async def GetPipelineStatus(
+        self, request: pb.GetPipelineStatusRequest, context: Any
+    ) -> pb.GetPipelineStatusResponse:
+        if self._pipeline_status is None:
+            return pb.GetPipelineStatusResponse(event_log=pb.EVENT_LOG_KIND_EMBEDDED)
+        status = await self._pipeline_status.status()
+        return pb.GetPipelineStatusResponse(
+            event_log=_EVENT_LOG_KINDS[status.event_log],
+            observe_time=_timestamp(status.observed_at),
+            pending_event_count=status.pending_events,
+            topic=status.topic,
+            consumer_group=status.consumer_group,
+            partitions=[
+                pb.EventLogPartitionStatus(
+                    partition=p.partition,
+                    end_offset=p.end_offset,
+                    committed_offset=p.committed_offset,
+                    lag=p.lag,
+                )
+                for p in status.partitions
+            ],
+            total_lag=status.total_lag,
         )

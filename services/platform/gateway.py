@@ -27,7 +27,7 @@ def render_envoy_config(
     admin_port: int,
     grpc_host: str,
     grpc_port: int,
-    websocket_bridge_port: int,
+    websocket_bridge_port: int = 8090,  # PlatformSettings.websocket_bridge_port
     descriptor_set: Path = DESCRIPTOR_SET,
 ) -> str:
     return Template(TEMPLATE.read_text()).substitute(
@@ -73,6 +73,9 @@ async def start_envoy(
         # One worker thread: the box has two cores and the Python services need the other.
         "--concurrency",
         "1",
+        # Two `up`s on one machine (parallel e2e tests) must not fight over the hot
+        # restart socket of base id 0 ("unable to bind domain socket ... errno=98").
+        "--use-dynamic-base-id",
         stdout=log,
         stderr=log,
         preexec_fn=_die_with_parent,

@@ -101,6 +101,30 @@ REJECTION_REASON_EVENT_TYPE_MISMATCH: RejectionReason.ValueType  # 9
 """The RPC implies an event type and the event names another."""
 Global___RejectionReason: _TypeAlias = RejectionReason  # noqa: Y015
 
+class _EventLogKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventLogKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventLogKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_LOG_KIND_UNSPECIFIED: _EventLogKind.ValueType  # 0
+    """Not used."""
+    EVENT_LOG_KIND_EMBEDDED: _EventLogKind.ValueType  # 1
+    """Durable group commit straight into the embedded event store (one machine)."""
+    EVENT_LOG_KIND_KAFKA: _EventLogKind.ValueType  # 2
+    """An Apache Kafka topic, read by the stream processor and by Pinot (the cluster shape)."""
+
+class EventLogKind(_EventLogKind, metaclass=_EventLogKindEnumTypeWrapper):
+    """Which event log the ingestion service appends accepted events to."""
+
+EVENT_LOG_KIND_UNSPECIFIED: EventLogKind.ValueType  # 0
+"""Not used."""
+EVENT_LOG_KIND_EMBEDDED: EventLogKind.ValueType  # 1
+"""Durable group commit straight into the embedded event store (one machine)."""
+EVENT_LOG_KIND_KAFKA: EventLogKind.ValueType  # 2
+"""An Apache Kafka topic, read by the stream processor and by Pinot (the cluster shape)."""
+Global___EventLogKind: _TypeAlias = EventLogKind  # noqa: Y015
+
 @_typing.final
 class IngestResult(_message.Message):
     """The outcome for one event."""
@@ -606,3 +630,116 @@ class ReplayQuarantinedEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayQuarantinedEventsResponse: _TypeAlias = ReplayQuarantinedEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetPipelineStatusRequest(_message.Message):
+    """Request for `GetPipelineStatus`. No parameters: the status is platform-wide."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPipelineStatusRequest: _TypeAlias = GetPipelineStatusRequest  # noqa: Y015
+
+@_typing.final
+class EventLogPartitionStatus(_message.Message):
+    """How far one partition of the events topic has been processed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    COMMITTED_OFFSET_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    """Partition number, from 0."""
+    end_offset: _builtins.int
+    """Offset of the next record a `read_committed` reader would get (the partition's last
+    stable offset).
+    """
+    committed_offset: _builtins.int
+    """The stream processor group's committed offset: every record before it is in the
+    event store. Unset before the processor's first commit.
+    """
+    lag: _builtins.int
+    """Records in the partition not yet in the event store: `end_offset` minus
+    `committed_offset` (or minus the earliest retained offset when unset).
+    """
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        end_offset: _builtins.int = ...,
+        committed_offset: _builtins.int | None = ...,
+        lag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_committed_offset", b"_committed_offset", "committed_offset", b"committed_offset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_committed_offset", b"_committed_offset", "committed_offset", b"committed_offset", "end_offset", b"end_offset", "lag", b"lag", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__committed_offset: _TypeAlias = _typing.Literal["committed_offset"]  # noqa: Y015
+    _WhichOneofArgType__committed_offset: _TypeAlias = _typing.Literal["_committed_offset", b"_committed_offset"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__committed_offset) -> _WhichOneofReturnType__committed_offset | None: ...
+
+Global___EventLogPartitionStatus: _TypeAlias = EventLogPartitionStatus  # noqa: Y015
+
+@_typing.final
+class GetPipelineStatusResponse(_message.Message):
+    """Response for `GetPipelineStatus`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_LOG_FIELD_NUMBER: _builtins.int
+    OBSERVE_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    TOPIC_FIELD_NUMBER: _builtins.int
+    CONSUMER_GROUP_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    TOTAL_LAG_FIELD_NUMBER: _builtins.int
+    event_log: Global___EventLogKind.ValueType
+    """The event log in use."""
+    pending_event_count: _builtins.int
+    """Events the answering ingestion process accepted and the event log has not yet
+    confirmed (each replica has its own).
+    """
+    topic: _builtins.str
+    """Kafka topic of accepted events; empty with the embedded event log."""
+    consumer_group: _builtins.str
+    """Consumer group of the stream processor; empty with the embedded event log."""
+    total_lag: _builtins.int
+    """Sum of the partitions' `lag`: events accepted and not yet queryable."""
+    @_builtins.property
+    def observe_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were read."""
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventLogPartitionStatus]:
+        """One entry per partition of `topic`, by partition number; empty with the embedded
+        event log.
+        """
+
+    def __init__(
+        self,
+        *,
+        event_log: Global___EventLogKind.ValueType = ...,
+        observe_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_event_count: _builtins.int = ...,
+        topic: _builtins.str = ...,
+        consumer_group: _builtins.str = ...,
+        partitions: _abc.Iterable[Global___EventLogPartitionStatus] | None = ...,
+        total_lag: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observe_time", b"observe_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_group", b"consumer_group", "event_log", b"event_log", "observe_time", b"observe_time", "partitions", b"partitions", "pending_event_count", b"pending_event_count", "topic", b"topic", "total_lag", b"total_lag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPipelineStatusResponse: _TypeAlias = GetPipelineStatusResponse  # noqa: Y015

@@ -86,6 +86,11 @@ class IngestionServiceStub:
                 request_serializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsRequest.SerializeToString,
                 response_deserializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsResponse.FromString,
                 _registered_method=True)
+        self.GetPipelineStatus = channel.unary_unary(
+                '/bilten.analytics.ingestion.v1.IngestionService/GetPipelineStatus',
+                request_serializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusRequest.SerializeToString,
+                response_deserializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -170,6 +175,21 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPipelineStatus(self, request, context):
+        """Reports how far the queryable data is behind ingestion: for each partition of the
+        Kafka events topic, its end offset, the stream processor's committed offset and the
+        lag (events acknowledged to senders but not yet in the event store), plus the events
+        the answering ingestion process holds that the event log has not yet confirmed. With
+        the embedded event log the lag is always zero: an acknowledged event is already
+        stored. Figures are platform-wide (all tenants) and cached for one second; the call
+        is read-only and cheap. Needs scope `events:read`. UNAVAILABLE
+        (`ERROR_REASON_DEPENDENCY_UNAVAILABLE`, with `google.rpc.RetryInfo`) when Kafka does
+        not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +232,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.ReplayQuarantinedEvents,
                     request_deserializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsRequest.FromString,
                     response_serializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsResponse.SerializeToString,
+            ),
+            'GetPipelineStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipelineStatus,
+                    request_deserializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusRequest.FromString,
+                    response_serializer=bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +467,33 @@ class IngestionService:
             '/bilten.analytics.ingestion.v1.IngestionService/ReplayQuarantinedEvents',
             bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsRequest.SerializeToString,
             bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.ReplayQuarantinedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipelineStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bilten.analytics.ingestion.v1.IngestionService/GetPipelineStatus',
+            bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusRequest.SerializeToString,
+            bilten_dot_analytics_dot_ingestion_dot_v1_dot_ingestion__service__pb2.GetPipelineStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

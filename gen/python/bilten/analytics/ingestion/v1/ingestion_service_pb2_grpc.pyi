@@ -79,6 +79,17 @@ class IngestionServiceStub:
     ones stay with the new reason. Needs scope `events:write`. NOT_FOUND when an id is
     not in the caller's quarantine.
     """
+    GetPipelineStatus: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.GetPipelineStatusRequest, _ingestion_service_pb2.GetPipelineStatusResponse]
+    """Reports how far the queryable data is behind ingestion: for each partition of the
+    Kafka events topic, its end offset, the stream processor's committed offset and the
+    lag (events acknowledged to senders but not yet in the event store), plus the events
+    the answering ingestion process holds that the event log has not yet confirmed. With
+    the embedded event log the lag is always zero: an acknowledged event is already
+    stored. Figures are platform-wide (all tenants) and cached for one second; the call
+    is read-only and cheap. Needs scope `events:read`. UNAVAILABLE
+    (`ERROR_REASON_DEPENDENCY_UNAVAILABLE`, with `google.rpc.RetryInfo`) when Kafka does
+    not answer.
+    """
 
 @_typing.type_check_only
 class IngestionServiceAsyncStub(IngestionServiceStub):
@@ -130,6 +141,17 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     definition was registered). Accepted and duplicate ones leave the quarantine; rejected
     ones stay with the new reason. Needs scope `events:write`. NOT_FOUND when an id is
     not in the caller's quarantine.
+    """
+    GetPipelineStatus: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.GetPipelineStatusRequest, _ingestion_service_pb2.GetPipelineStatusResponse]  # type: ignore[assignment]
+    """Reports how far the queryable data is behind ingestion: for each partition of the
+    Kafka events topic, its end offset, the stream processor's committed offset and the
+    lag (events acknowledged to senders but not yet in the event store), plus the events
+    the answering ingestion process holds that the event log has not yet confirmed. With
+    the embedded event log the lag is always zero: an acknowledged event is already
+    stored. Figures are platform-wide (all tenants) and cached for one second; the call
+    is read-only and cheap. Needs scope `events:read`. UNAVAILABLE
+    (`ERROR_REASON_DEPENDENCY_UNAVAILABLE`, with `google.rpc.RetryInfo`) when Kafka does
+    not answer.
     """
 
 class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +249,23 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         definition was registered). Accepted and duplicate ones leave the quarantine; rejected
         ones stay with the new reason. Needs scope `events:write`. NOT_FOUND when an id is
         not in the caller's quarantine.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPipelineStatus(
+        self,
+        request: _ingestion_service_pb2.GetPipelineStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.GetPipelineStatusResponse, _abc.Awaitable[_ingestion_service_pb2.GetPipelineStatusResponse]]:
+        """Reports how far the queryable data is behind ingestion: for each partition of the
+        Kafka events topic, its end offset, the stream processor's committed offset and the
+        lag (events acknowledged to senders but not yet in the event store), plus the events
+        the answering ingestion process holds that the event log has not yet confirmed. With
+        the embedded event log the lag is always zero: an acknowledged event is already
+        stored. Figures are platform-wide (all tenants) and cached for one second; the call
+        is read-only and cheap. Needs scope `events:read`. UNAVAILABLE
+        (`ERROR_REASON_DEPENDENCY_UNAVAILABLE`, with `google.rpc.RetryInfo`) when Kafka does
+        not answer.
         """
 
 def add_IngestionServiceServicer_to_server(servicer: IngestionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,109 @@
+"""Composition of the Kafka shape from the platform settings, for `services.mesh`.
+
+- every Kafka process: the topic layout (created at start if missing), the envelope's
+  registry id, the producer (`KafkaEventLog`) and the lag reader for `GetPipelineStatus`;
+- the process that owns the event store (`up --event-log kafka`, `serve processor`):
+  the stream processor and the live feed it publishes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import structlog
+
+from services.platform.settings import PlatformSettings
+from services.storage.event_store import DuckDBEventStore
+from services.streaming.kafka_log import KafkaEventLog
+from services.streaming.live import LiveFeed
+from services.streaming.processor import ProcessorConfig, StreamProcessor
+from services.streaming.schemas import EnvelopeSchemaId, WriterSchemas
+from services.streaming.status import KafkaPipelineStatus, observe_processor
+from services.streaming.topics import TopicLayout, build_layout
+
+log = structlog.get_logger("bilten.streaming")
+
+
+def topic_layout(settings: PlatformSettings) -> TopicLayout:
+    return build_layout(
+        settings.kafka_events_topic,
+        partitions=settings.kafka_events_partitions,
+        replication_factor=settings.kafka_replication_factor,
+        retention_days=settings.raw_retention_days,
+    )
+
+
+def processor_config(settings: PlatformSettings) -> ProcessorConfig:
+    layout = topic_layout(settings)
+    return ProcessorConfig(
+        bootstrap=settings.kafka_bootstrap_servers,
+        topic=layout.events.name,
+        dead_letter_topic=layout.dead_letter.name,
+        group_id=settings.processor_group_id,
+        workers=settings.processor_workers,
+        max_batch_events=settings.processor_max_batch_events,
+        max_batch_seconds=settings.processor_max_batch_seconds,
+        session_timeout_ms=settings.processor_session_timeout_ms,
+        instance_id=settings.processor_instance_id,
+        client_config=dict(settings.kafka_client_config),
+        dedup_window_seconds=settings.dedup_window_seconds,
+    )
+
+
+@dataclass
+class KafkaStreaming:
+    settings: PlatformSettings
+    registry_token: str
+    event_log: KafkaEventLog
+    status: KafkaPipelineStatus
+    live_feed: LiveFeed = field(default_factory=LiveFeed)
+    processor: StreamProcessor | None = None
+
+    @classmethod
+    def open(cls, settings: PlatformSettings, registry_token: str) -> KafkaStreaming:
+        layout = topic_layout(settings)
+        token = settings.schema_registry_token or registry_token
+        event_log = KafkaEventLog(
+            bootstrap=settings.kafka_bootstrap_servers,
+            layout=layout,
+            schema_id=EnvelopeSchemaId(settings.registry_url, token, layout.events.name),
+            append_timeout_seconds=settings.kafka_append_timeout_seconds,
+            max_pending_events=settings.max_pending_events,
+            client_config=dict(settings.kafka_client_config),
+        )
+        status = KafkaPipelineStatus(
+            settings.kafka_bootstrap_servers,
+            layout.events.name,
+            settings.processor_group_id,
+            dict(settings.kafka_client_config),
+            pending=lambda: event_log.pending_events,
+        )
+        return cls(settings, token, event_log, status)
+
+    async def start(self) -> None:
+        """Topics and the envelope id; a broker or registry that is not up yet is logged
+        and retried by the first appends (they answer UNAVAILABLE meanwhile)."""
+        await self.event_log.start()
+
+    async def start_processor(self, store: DuckDBEventStore) -> StreamProcessor:
+        """Runs the processor over `store` (the process must own the store's file)."""
+        # The processor seeks to the store's offsets, so the topics must exist first.
+        await self.event_log.start()
+        processor = StreamProcessor(
+            processor_config(self.settings),
+            store,
+            WriterSchemas(self.settings.registry_url, self.registry_token),
+            self.live_feed,
+        )
+        await asyncio.to_thread(processor.start)
+        observe_processor(processor.lag, lambda: processor.stats, processor.config.topic)
+        self.processor = processor
+        return processor
+
+    async def close(self) -> None:
+        """Processor first (it commits what it holds into the still-open store), then
+        the producer (it waits for the acknowledgements still due)."""
+        if self.processor is not None:
+            await asyncio.to_thread(self.processor.stop)
+        await self.event_log.close()
