@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install up test test-fast lint typecheck generate generate-check proto-lint proto-breaking check infra-up infra-down kafka kafka-stop bench clean
+.PHONY: test-pinot pinot pinot-stop install up test test-fast lint typecheck generate generate-check proto-lint proto-breaking check infra-up infra-down kafka kafka-stop bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -60,3 +60,13 @@ bench: install
 
 clean:
 	rm -rf .bilten .pytest_cache .mypy_cache .ruff_cache
+
+## Opt-in: events -> Kafka -> real Apache Pinot 0.11 (with the shims of docs/pinot-on-this-machine.md).
+test-pinot: install
+	BILTEN_TEST_PINOT=1 $(BIN)/pytest -q tests/pinot
+
+pinot:
+	bash dev/pinot.sh start
+
+pinot-stop:
+	bash dev/pinot.sh stop
