@@ -102,6 +102,13 @@ class QuarantineSink(Protocol):
     async def quarantine(self, entries: Sequence[QuarantineEntry]) -> None: ...
 
 
+class ConsentCheck(Protocol):
+    """Whether an event of these subject ids may be stored for analytics (the
+    compliance service's `ConsentRegistry`); synchronous and in memory, it runs per event."""
+
+    def allows_analytics(self, tenant_id: str, user_id: str, anonymous_id: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class PipelineLimits:
     dedup_window_seconds: float = 86_400
@@ -128,6 +135,10 @@ class IngestionPipeline:
         quarantine: QuarantineSink,
         definitions: EventDefinitions | None = None,
         clock: Callable[[], float] = time.time,
+        consent: ConsentCheck | None = None,
+        # Told about each durable batch (live metrics, rollups, result cache; see
+        # services/live/observers.py). It must return quickly and never raise.
+        on_accepted: Callable[[Sequence[TrackedEvent]], None] | None = None,
     ) -> None:
         self._limits = limits
         self._enricher = enricher
@@ -137,6 +148,8 @@ class IngestionPipeline:
         self._quarantine = quarantine
         self._definitions = definitions
         self._clock = clock
+        self._consent = consent
+        self._on_accepted = on_accepted
 
     async def ingest(
         self,
@@ -199,6 +212,8 @@ class IngestionPipeline:
                 self._dedup.release(reserved)
                 raise
             self._dedup.confirm(reserved, now)
+            if self._on_accepted is not None:
+                self._on_accepted(accepted)
             for index, event in zip(accepted_index, accepted, strict=True):
                 outcomes[index] = IngestOutcome(event.event_id, IngestStatus.ACCEPTED)
         if rejected:
@@ -343,6 +358,15 @@ class IngestionPipeline:
                     RejectionReason.SCHEMA_VIOLATION, f"{path}.{violation[0]}", violation[1]
                 )
             schema_id = definition.schema_id
+        if self._consent is not None and not self._consent.allows_analytics(
+            tenant_id, incoming.user_id, incoming.anonymous_id
+        ):
+            raise _Rejected(
+                RejectionReason.CONSENT_MISSING,
+                path,
+                "the subject has not consented to analytics (withdrawn, or required and "
+                "never granted)",
+            )
         return TrackedEvent(
             tenant_id=tenant_id,
             event_id=event_id,

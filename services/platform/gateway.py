@@ -27,7 +27,7 @@ def render_envoy_config(
     admin_port: int,
     grpc_host: str,
     grpc_port: int,
-    websocket_bridge_port: int = 8090,  # PlatformSettings.websocket_bridge_port
+    websocket_bridge_port: int = 8090,  # where `up` found a free port for the bridge
     descriptor_set: Path = DESCRIPTOR_SET,
 ) -> str:
     return Template(TEMPLATE.read_text()).substitute(

@@ -269,11 +269,12 @@ class PlatformSettings(BaseSettings):
         10_000, ge=0, le=10_000_000, description="Cached results kept (least recently used go)."
     )
     websocket_bridge_port: int = Field(
-        8090,
+        0,
         ge=0,
         le=65535,
-        description="Port of the WebSocket bridge `up` runs behind Envoy's /ws/ routes "
-        "(loopback only; 0 picks a free one).",
+        description="Port of the WebSocket bridge `up` runs behind Envoy's /ws/ routes, on "
+        "loopback; 0 (the default) picks a free one, so parallel `up`s never collide "
+        "(clients always go through Envoy).",
     )
 
     @field_validator("rollup_day_retention_days")
