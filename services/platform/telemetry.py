@@ -12,11 +12,11 @@ import os
 from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import start_http_server
@@ -24,7 +24,9 @@ from prometheus_client import start_http_server
 _configured = False
 
 
-def configure_telemetry(service_name: str, metrics_port: int, metrics_host: str = "127.0.0.1") -> None:
+def configure_telemetry(
+    service_name: str, metrics_port: int, metrics_host: str = "127.0.0.1"
+) -> None:
     """Installs the global tracer and meter providers once per process."""
     global _configured
     if _configured:

@@ -1,23 +1,48 @@
-"""gRPC adapter of the query service: proto → metrics → proto.
+"""gRPC adapter of the query service: proto → domain (metrics, funnels, cohorts,
+sessions, users, ticketed events, custom SQL, reports) → proto.
 
-Built here: `GetMetrics`. The other analyses are issue #5 and answer UNIMPLEMENTED.
+Thin by design: the tenant comes from the credential (`convert.scope`), request shapes
+are validated at the edge, conversions live in `convert`, every decision in the domain
+modules, which run in worker threads (DuckDB releases the GIL while it works).
+
+Scheduled reports need a SQLite file (`reports_path`); when the servicer is built inside
+a running event loop it also starts their `ReportScheduler` (`aclose` stops it and
+closes the file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bilten.analytics.query.v1 import query_service_pb2 as pb
 from bilten.analytics.query.v1 import query_service_pb2_grpc as pb_grpc
 from bilten.analytics.type.v1 import metric_pb2
 
-from services.platform.errors import FieldViolation, invalid_request
+from services.platform.errors import (
+    AnalyticsError,
+    FieldViolation,
+    StatusCode,
+    invalid_request,
+    not_found,
+)
 from services.platform.grpc_edge import principal
-from services.platform.unbuilt import answer_unbuilt
-from services.query import convert, metrics
+from services.query import (
+    cohorts,
+    convert,
+    funnels,
+    metrics,
+    reports,
+    sessions,
+    sql_sandbox,
+    ticketed_events,
+    users,
+)
 from services.storage.event_store import EventStore
 
 _COUNT = metric_pb2.METRIC_TYPE_COUNTER
@@ -31,10 +56,50 @@ def _point(bucket: datetime, value: float, **dimensions: str) -> metric_pb2.Metr
     )
 
 
-@answer_unbuilt(pb.DESCRIPTOR.services_by_name["QueryService"], "issue #5, analytics")
+def _invalid(field: str, error: ValueError) -> AnalyticsError:
+    return invalid_request([FieldViolation(field, str(error))])
+
+
+def _reports_unavailable() -> AnalyticsError:
+    return AnalyticsError(
+        StatusCode.FAILED_PRECONDITION,
+        "INVALID_REQUEST",
+        "this query service runs without a report store",
+    )
+
+
 class QueryServicer(pb_grpc.QueryServiceServicer):
-    def __init__(self, store: EventStore) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        reports_path: Path | None = None,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        scheduler_tick_seconds: float = 30.0,
+    ) -> None:
+        """`reports_path`: the SQLite file for scheduled reports (the metadata file in
+        the mesh); without it the report RPCs answer FAILED_PRECONDITION."""
         self._store = store
+        self._clock = clock
+        self._reports: reports.ReportStore | None = None
+        self.scheduler: reports.ReportScheduler | None = None
+        if reports_path is not None:
+            self._reports = reports.ReportStore(reports_path)
+            self.scheduler = reports.ReportScheduler(
+                self._reports, store, tick_seconds=scheduler_tick_seconds, clock=clock
+            )
+            # The mesh builds servicers inside its running loop: the scheduler starts
+            # with the server. Built outside a loop (tests), call `scheduler.run_due`.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop()
+                self.scheduler.start()
+
+    async def aclose(self) -> None:
+        """Stops the report scheduler and closes the report store."""
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self._reports is not None:
+            self._reports.close()
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Any
@@ -120,3 +185,153 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                 )
             response.series.append(series)
         return response
+
+    # --- analyses ----------------------------------------------------------------------
+
+    async def ComputeFunnel(
+        self, request: pb.ComputeFunnelRequest, context: Any
+    ) -> pb.ComputeFunnelResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        window = convert.time_range(request.time_range)
+        spec = convert.funnel_spec(request)
+        result = await asyncio.to_thread(funnels.compute_funnel, self._store, scope, window, spec)
+        return convert.funnel_response(result)
+
+    async def ComputeCohorts(
+        self, request: pb.ComputeCohortsRequest, context: Any
+    ) -> pb.ComputeCohortsResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        window = convert.time_range(request.time_range)
+        spec = convert.cohort_spec(request)
+        try:
+            rows = await asyncio.to_thread(
+                cohorts.compute_cohorts, self._store, scope, window, spec
+            )
+        except ValueError as error:  # e.g. a daily matrix over decades
+            raise _invalid("time_range", error) from error
+        return convert.cohorts_response(rows)
+
+    async def GetSessionAnalytics(
+        self, request: pb.GetSessionAnalyticsRequest, context: Any
+    ) -> pb.GetSessionAnalyticsResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        window = convert.time_range(request.time_range)
+        granularity = convert.granularity(request.granularity, window)
+        timeout = convert.session_timeout(request.session_timeout_seconds)
+        stats = await asyncio.to_thread(
+            sessions.session_analytics, self._store, scope, window, granularity, timeout
+        )
+        return convert.sessions_response(stats)
+
+    async def GetUserAnalytics(
+        self, request: pb.GetUserAnalyticsRequest, context: Any
+    ) -> pb.GetUserAnalyticsResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        if scope.tenant_id is None:
+            raise invalid_request(
+                [FieldViolation("tenant_id", "user ids belong to a tenant: name the tenant")]
+            )
+        timeout = convert.session_timeout(request.session_timeout_seconds)
+        try:
+            user = await asyncio.to_thread(
+                users.user_analytics, self._store, scope, request.user_id, timeout
+            )
+        except users.UserNotFoundError as error:
+            raise not_found(f"user {request.user_id!r}") from error
+        return convert.user_response(user)
+
+    async def GetTicketedEventAnalytics(
+        self, request: pb.GetTicketedEventAnalyticsRequest, context: Any
+    ) -> pb.GetTicketedEventAnalyticsResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        window = convert.optional_time_range(
+            request.time_range, request.HasField("time_range"), self._clock()
+        )
+        granularity = convert.granularity(request.granularity, window)
+        try:
+            result = await asyncio.to_thread(
+                ticketed_events.ticketed_event_analytics,
+                self._store,
+                scope,
+                request.ticketed_event_id,
+                window,
+                granularity,
+            )
+        except ticketed_events.TicketedEventNotFoundError as error:
+            raise not_found(f"ticketed event {request.ticketed_event_id!r}") from error
+        return convert.ticketed_event_response(result)
+
+    async def ExecuteQuery(
+        self, request: pb.ExecuteQueryRequest, context: Any
+    ) -> pb.ExecuteQueryResponse:
+        scope = convert.scope(principal(), request.tenant_id)
+        options = convert.query_options(request, _seconds_left(context))
+        result = await asyncio.to_thread(
+            sql_sandbox.execute, self._store, scope, request.sql, options
+        )
+        return convert.query_response(result)
+
+    # --- scheduled reports -------------------------------------------------------------
+
+    def _owner(self) -> str:
+        """The tenant a report belongs to: the credential's ("" = a platform admin
+        without one, whose reports read every tenant)."""
+        return convert.scope(principal(), "").tenant_id or ""
+
+    def _report_store(self) -> reports.ReportStore:
+        if self._reports is None:
+            raise _reports_unavailable()
+        return self._reports
+
+    async def CreateReport(
+        self, request: pb.CreateReportRequest, context: Any
+    ) -> pb.CreateReportResponse:
+        store = self._report_store()
+        owner = self._owner()
+        # Refuse a query that could never run now, not at its first run.
+        await asyncio.to_thread(
+            sql_sandbox.check, self._store, reports.scope_of(owner), request.report.sql
+        )
+        created = await asyncio.to_thread(
+            store.create,
+            owner,
+            request.report.display_name,
+            request.report.sql,
+            convert.REPORT_SCHEDULES[request.report.schedule],
+            self._clock(),
+        )
+        if self.scheduler is not None:
+            self.scheduler.wake()  # the first run is due now
+        return pb.CreateReportResponse(report=convert.report(created))
+
+    async def GetReport(self, request: pb.GetReportRequest, context: Any) -> pb.GetReportResponse:
+        found = await asyncio.to_thread(self._report_store().get, self._owner(), request.report_id)
+        if found is None:
+            raise not_found(f"report {request.report_id!r}")
+        return pb.GetReportResponse(report=convert.report(found))
+
+    async def ListReports(
+        self, request: pb.ListReportsRequest, context: Any
+    ) -> pb.ListReportsResponse:
+        listed, token = await asyncio.to_thread(
+            self._report_store().list_page, self._owner(), request.page_size, request.page_token
+        )
+        return pb.ListReportsResponse(
+            reports=[convert.report(r) for r in listed], next_page_token=token
+        )
+
+    async def DeleteReport(
+        self, request: pb.DeleteReportRequest, context: Any
+    ) -> pb.DeleteReportResponse:
+        deleted = await asyncio.to_thread(
+            self._report_store().delete, self._owner(), request.report_id
+        )
+        if not deleted:
+            raise not_found(f"report {request.report_id!r}")
+        return pb.DeleteReportResponse()
+
+
+def _seconds_left(context: Any) -> float | None:
+    """What is left of the caller's gRPC deadline, if they set one."""
+    remaining = getattr(context, "time_remaining", None)
+    return remaining() if callable(remaining) else None

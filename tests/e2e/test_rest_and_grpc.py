@@ -218,31 +218,41 @@ def test_grpc_batch_with_per_event_results_and_quarantine(system: RunningSystem)
         assert response.results[3].quarantined_event_id in ids
 
 
-def test_grpc_health_reflection_and_unbuilt_services(system: RunningSystem) -> None:
+def test_grpc_health_reflection_and_precise_errors(system: RunningSystem) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    services = [
+        f"bilten.analytics.{name}.v1.{name.capitalize()}Service"
+        for name in ("ingestion", "query", "aggregation", "compliance", "prediction")
+    ]
     with grpc.insecure_channel(system.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in (
-            "",
-            "bilten.analytics.ingestion.v1.IngestionService",
-            "bilten.analytics.prediction.v1.PredictionService",
-        ):
+        for service in ["", *services]:
             assert (
                 health.Check(health_pb2.HealthCheckRequest(service=service)).status
                 == health_pb2.HealthCheckResponse.SERVING
             )
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (answer,) = list(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+        )
+        listed = {s.name for s in answer.list_services_response.service}
+        assert set(services) <= listed
         stub = prediction_grpc.PredictionServiceStub(channel)
         metadata = (("authorization", f"Bearer {system.credentials['admin_token']}"),)
         with pytest.raises(grpc.RpcError) as caught:
-            stub.PredictChurn(
-                prediction_pb2.PredictChurnRequest(user_ids=["u1"]), metadata=metadata
-            )
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "issue #7" in caught.value.details()
+            stub.Forecast(prediction_pb2.ForecastRequest(horizon_days=5), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         status = rpc_status.from_call(caught.value)
         assert status is not None
         info = error_details_pb2.ErrorInfo()
         status.details[0].Unpack(info)
-        assert info.reason == "ERROR_REASON_NOT_IMPLEMENTED"
+        assert info.reason == "ERROR_REASON_INVALID_REQUEST"
+        bad_request = error_details_pb2.BadRequest()
+        status.details[1].Unpack(bad_request)
+        assert bad_request.field_violations[0].field == "target"
 
 
 def test_prometheus_endpoint_exports_rpc_metrics(system: RunningSystem) -> None:
