@@ -6,13 +6,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as pb_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as pb
-from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as pb_grpc
 from services.mesh import Mesh
 from services.platform.settings import PlatformSettings
 from tests.conftest import tracked_event
