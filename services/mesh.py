@@ -266,8 +266,15 @@ class Mesh:
             await self.streaming.start()
             if any(name in PROCESSOR_HOSTS for name in services):
                 await self.streaming.start_processor(self.event_store)
+        registrations = self.registrations(tuple(name for name in services if name != "processor"))
+        for registration in registrations:
+            if isinstance(registration.servicer, PredictionServicer):
+                # The anomaly monitor and the retraining schedule run where prediction
+                # is served, from the start rather than from the first prediction call.
+                registration.servicer.start_background()
+                self._closers.append(registration.servicer.service.aclose)
         self.server, self.port, _ = await start_grpc_server(
-            self.registrations(tuple(name for name in services if name != "processor")),
+            registrations,
             self.authenticator,
             self.settings.grpc_host,
             self.settings.grpc_port,
@@ -280,6 +287,8 @@ class Mesh:
             await self.aggregation.end_streams()  # live streams would hold `grace` up
         if self.server is not None:
             await self.server.stop(grace)
+        for close in self._closers:
+            await close()
         if self.streaming is not None:
             await self.streaming.close()
         await self.event_log.close()
