@@ -44,6 +44,8 @@ from services.storage.event_store import TABLE, EventStore
 
 DEFAULT_PERIOD_COUNT = 12
 MAX_PERIOD_COUNT = 52
+# Rows of one matrix: ~3 years of daily cohorts; longer spans want weeks or months.
+MAX_COHORTS = 1000
 PERIODS = (Granularity.DAY, Granularity.WEEK, Granularity.MONTH)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -124,6 +126,11 @@ def compute_cohorts(
     """One row per period overlapping the range, oldest first (see the module docstring)."""
     as_of = spec.as_of or datetime.now(UTC)
     cohorts = period_index(time_range.start, time_range.end - _MICROSECOND, spec.period) + 1
+    if cohorts > MAX_COHORTS:
+        raise ValueError(
+            f"{cohorts} {spec.period.value} cohorts (at most {MAX_COHORTS});"
+            " use a longer period or a shorter range"
+        )
     # Periods of the matrix: the cohorts' and up to `period_count - 1` after the last.
     periods = cohorts + spec.period_count - 1
     started = [i for i in range(periods) if period_start(time_range.start, i, spec.period) < as_of]

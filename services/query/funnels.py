@@ -33,11 +33,13 @@ the anonymous id; events with neither are ignored):
   two middle values for an even count); 0.0 when nobody did.
 
 How: DuckDB scans the relevant rows (step and exclusion events; every event of the
-entrants for STRICT) and sorts them by (person, time); the sequence logic then runs as a
-few vectorised numpy passes over the sorted arrays, one per step (binary searches into
-the previous step's rows, segment minima per person). No per-person Python loop. DuckDB
-window functions can express the same recursion, but then every step needs its own sort
-of all rows, which measured several times slower (docs/benchmarks-analytics.md).
+entrants for STRICT), unsorted. Each row becomes a *position*, an integer that packs the
+person above the microseconds (`services.query.timelines`), so ordering rows by
+(person, time) is `np.sort` of plain integers, per step. The sequence logic is then one
+binary search per step into the previous step's sorted positions, plus per-person
+minima: vectorised, no per-person Python loop. (Sorting the rows in DuckDB, or DuckDB
+window functions, which need one sort of all rows per step, measured 2-4x slower:
+docs/benchmarks-analytics.md.)
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from services.query.scoped_sql import (
     property_text,
     tenant_filter,
 )
+from services.query.timelines import INF, PersonTimeline, sorted_unique
 from services.storage.event_store import TABLE, EventStore
 
 DEFAULT_WINDOW = timedelta(days=7)
@@ -68,8 +71,6 @@ MIN_STEPS, MAX_STEPS = 2, 10
 MAX_BREAKDOWN_VALUES = 50
 
 _I64 = npt.NDArray[np.int64]
-_NONE = np.iinfo(np.int64).min  # "no value" in int64 time arrays
-_INF = np.iinfo(np.int64).max  # "not reached" in duration arrays
 
 
 class FunnelOrder(enum.StrEnum):
@@ -127,7 +128,7 @@ class FunnelResult:
 
 @dataclass(frozen=True, slots=True)
 class PersonProgress:
-    """Per entrant: microseconds from entry to each step, `_INF` where not reached."""
+    """Per entrant: microseconds from entry to each step, `INF` where not reached."""
 
     durations: _I64  # shape (people, steps); column 0 is 0
     breakdown_values: pa.Array | None  # one string per person, or None
@@ -209,73 +210,13 @@ def _rows_sql(scope: Scope, time_range: TimeRange, spec: FunnelSpec) -> tuple[st
 
 # --- the sequence logic ----------------------------------------------------------------
 
-# Packed positions are unsigned 64-bit: person above microseconds since the scan start.
-PACKED_BITS = 64
-_U64 = npt.NDArray[np.uint64]
 
-
-class _Timeline:
-    """The fetched rows as *positions*: integers ordered by (person, time) and equal
-    exactly for simultaneous events of one person (a *moment*). The sequence logic
-    only sorts positions and binary-searches them, so no row order is ever needed.
-
-    Usually a position packs the person (tenant code, actor key) above the microseconds
-    since the scan start, so sorting is `np.sort` of plain integers, several times faster
-    than sorting rows by two columns in DuckDB or `np.argsort`. When the bits do not fit
-    (e.g. millions of actors and a range of years), the rows are sorted once with
-    `np.lexsort` and a position is the index of the first row of its moment.
-    """
+class _StepTimeline(PersonTimeline):
+    """A `PersonTimeline` of the funnel rows, with each row's step / exclusion bits."""
 
     def __init__(self, rows: pa.Table, scope: Scope, scan_start_us: int) -> None:
-        self.t: _I64 = rows.column("t").to_numpy().astype(np.int64, copy=False)
+        super().__init__(rows, scope, scan_start_us)
         self.mask = rows.column("mask").to_numpy()
-        actor = rows.column("actor_key").to_numpy().astype(np.int64)
-        tenant = np.zeros(len(actor), dtype=np.int64)
-        if scope.tenant_id is None:
-            encoded = pc.dictionary_encode(rows.column("tenant_id").combine_chunks())
-            tenant = encoded.indices.to_numpy().astype(np.int64)
-        offset = self.t - scan_start_us
-        time_bits = max(1, int(offset.max()).bit_length()) if len(offset) else 1
-        actor_bits = int(actor.max()).bit_length() if len(actor) else 0
-        tenant_bits = int(tenant.max()).bit_length() if len(tenant) else 0
-        self.packed = time_bits + actor_bits + tenant_bits <= PACKED_BITS
-        self.position: _I64 | _U64
-        if self.packed:
-            self._time_bits = time_bits
-            self._t0 = scan_start_us
-            person = ((tenant << actor_bits) | actor).astype(np.uint64)
-            self.position = (person << np.uint64(time_bits)) | offset.astype(np.uint64)
-        else:
-            order = np.lexsort((self.t, actor, tenant))
-            t, actor, tenant = self.t[order], actor[order], tenant[order]
-            new_person = np.ones(len(t), dtype=bool)
-            new_person[1:] = (actor[1:] != actor[:-1]) | (tenant[1:] != tenant[:-1])
-            new_moment = new_person.copy()
-            new_moment[1:] |= t[1:] != t[:-1]
-            index = np.arange(len(t), dtype=np.int64)
-            self._sorted_t: _I64 = t
-            self._sorted_person: _I64 = np.cumsum(new_person) - 1
-            self.position = np.empty(len(t), dtype=np.int64)
-            self.position[order] = np.maximum.accumulate(np.where(new_moment, index, 0))
-        self._all: _I64 | _U64 | None = None
-
-    # Positions are unsigned when packed: person ids and times come back as int64, since
-    # numpy turns uint64 - int64 into float64.
-
-    def person(self, positions: Any) -> _I64:
-        if self.packed:
-            people: _I64 = (positions >> np.uint64(self._time_bits)).astype(np.int64)
-            return people
-        people_of: _I64 = self._sorted_person[positions]
-        return people_of
-
-    def time(self, positions: Any) -> _I64:
-        if self.packed:
-            mask = np.uint64((1 << self._time_bits) - 1)
-            offset: _I64 = (positions & mask).astype(np.int64)
-            return offset + self._t0
-        times: _I64 = self._sorted_t[positions]
-        return times
 
     def rows_with(self, bit: int) -> _I64:
         return np.flatnonzero(self.mask & (1 << bit))
@@ -283,37 +224,6 @@ class _Timeline:
     def positions(self, bit: int) -> Any:
         """Sorted positions of the rows with this bit (repeated for simultaneous rows)."""
         return np.sort(self.position[self.rows_with(bit)])
-
-    def all_positions(self) -> Any:
-        if self._all is None:
-            self._all = np.sort(self.position)  # type: ignore[assignment]
-        return self._all
-
-    def latest_before(self, holders: Any, positions: Any) -> _I64:
-        """Per position: the index in the sorted `holders` of the latest one of the same
-        person at an earlier moment, -1 if none."""
-        at = np.searchsorted(holders, positions, side="left") - 1
-        found = holders[np.maximum(at, 0)] if len(holders) else positions
-        same = self.person(found) == self.person(positions)
-        return np.where((at >= 0) & same, at, -1)
-
-    def first_from(self, holders: Any, positions: Any, *, after: bool) -> _I64:
-        """Per position: the time of the first of the sorted `holders` of the same person
-        at the same moment or later (strictly later with `after`), `_INF` if none."""
-        at = np.searchsorted(holders, positions, side="right" if after else "left")
-        found = holders[np.minimum(at, len(holders) - 1)] if len(holders) else positions
-        ok = (at < len(holders)) & (self.person(found) == self.person(positions))
-        return np.where(ok, self.time(found), _INF)
-
-
-def _sorted_unique(values: Any) -> Any:
-    """`np.unique` of an ascending array, by neighbours: numpy's hash-based unique costs
-    ~0.5 us an element, this a few ns."""
-    if len(values) == 0:
-        return values
-    keep = np.ones(len(values), dtype=bool)
-    keep[1:] = values[1:] != values[:-1]
-    return values[keep]
 
 
 def _per_person_min(people: _I64, values: _I64) -> tuple[_I64, _I64]:
@@ -324,7 +234,9 @@ def _per_person_min(people: _I64, values: _I64) -> tuple[_I64, _I64]:
     return people[firsts], np.minimum.reduceat(values, firsts)
 
 
-def _sequence_minima(timeline: _Timeline, spec: FunnelSpec) -> tuple[_I64, list[tuple[_I64, _I64]]]:
+def _sequence_minima(
+    timeline: _StepTimeline, spec: FunnelSpec
+) -> tuple[_I64, list[tuple[_I64, _I64]]]:
     """ORDERED and STRICT: the entrants (person ids, ascending) and, per step, (person,
     shortest unspoiled sequence reaching the step in microseconds) for those reaching it.
 
@@ -337,10 +249,10 @@ def _sequence_minima(timeline: _Timeline, spec: FunnelSpec) -> tuple[_I64, list[
     """
     n_steps = len(spec.steps)
     window = spec.window // timedelta(microseconds=1)
-    exclusions = timeline.positions(n_steps)
+    exclusions = timeline.positions(n_steps) if spec.exclusion_event_names else []
     holders = timeline.positions(0)  # step k-1 rows with a start, sorted
     starts = timeline.time(holders)  # their latest starts
-    entrants = _sorted_unique(timeline.person(holders))
+    entrants = sorted_unique(timeline.person(holders))
     reached = [(entrants, np.zeros(len(entrants), dtype=np.int64))]
     for k in range(1, n_steps):
         candidates = timeline.positions(k)
@@ -362,7 +274,7 @@ def _sequence_minima(timeline: _Timeline, spec: FunnelSpec) -> tuple[_I64, list[
     return entrants, reached
 
 
-def _holder_at_previous_moment(timeline: _Timeline, holders: Any, candidates: Any) -> _I64:
+def _holder_at_previous_moment(timeline: _StepTimeline, holders: Any, candidates: Any) -> _I64:
     """STRICT: per candidate, the index in `holders` of a holder at the person's moment
     right before the candidate's (no other event between them), -1 if none. Holders at
     one moment share their start, so any of them will do."""
@@ -377,7 +289,7 @@ def _holder_at_previous_moment(timeline: _Timeline, holders: Any, candidates: An
 
 
 def _any_order_minima(
-    timeline: _Timeline, spec: FunnelSpec, end_us: int
+    timeline: _StepTimeline, spec: FunnelSpec, end_us: int
 ) -> tuple[_I64, list[tuple[_I64, _I64]]]:
     """ANY: the entrants and, per level j, (person, shortest time from an attempt's start
     to j + 1 distinct steps done within the window).
@@ -391,27 +303,30 @@ def _any_order_minima(
     n_steps = len(spec.steps)
     window = spec.window // timedelta(microseconds=1)
     steps = [timeline.positions(k) for k in range(n_steps)]
-    candidates = _sorted_unique(np.sort(np.concatenate(steps)))
+    candidates = sorted_unique(np.sort(np.concatenate(steps)))
     candidates = candidates[timeline.time(candidates) < end_us]
     origin = timeline.time(candidates)
     done = np.empty((len(candidates), n_steps), dtype=np.int64)
     for k, holders in enumerate(steps):
         occurred = timeline.first_from(holders, candidates, after=False)
-        done[:, k] = np.where(occurred - origin <= window, occurred, _INF)
+        done[:, k] = np.where(occurred - origin <= window, occurred, INF)
     done.sort(axis=1)
-    spoiler = timeline.first_from(timeline.positions(n_steps), candidates, after=True)
-    clean = (done != _INF) & (done <= spoiler[:, None])
-    durations = np.where(clean, done - origin[:, None], _INF)
+    if spec.exclusion_event_names:
+        spoiler = timeline.first_from(timeline.positions(n_steps), candidates, after=True)
+    else:
+        spoiler = np.full(len(candidates), INF, dtype=np.int64)
+    clean = (done != INF) & (done <= spoiler[:, None])
+    durations = np.where(clean, done - origin[:, None], INF)
     people = timeline.person(candidates)
-    entrants = _sorted_unique(people)
+    entrants = sorted_unique(people)
     reached = []
     for k in range(n_steps):
-        got = durations[:, k] != _INF
+        got = durations[:, k] != INF
         reached.append(_per_person_min(people[got], durations[got, k]))
     return entrants, reached
 
 
-def _breakdown_values(rows: pa.Table, timeline: _Timeline, entrants: _I64) -> pa.Array:
+def _breakdown_values(rows: pa.Table, timeline: _StepTimeline, entrants: _I64) -> pa.Array:
     """Per entrant, the breakdown value of their first entry (simultaneous entries: the
     smallest value). Entry rows are the ones the SQL gave a value."""
     values = rows.column("breakdown").combine_chunks()
@@ -445,13 +360,13 @@ def person_progress(
         empty = None if not spec.breakdown_property else pa.array([], pa.string())
         return PersonProgress(np.empty((0, n_steps), dtype=np.int64), empty)
     micro = timedelta(microseconds=1)
-    timeline = _Timeline(rows, scope, (time_range.start - EPOCH) // micro)
+    timeline = _StepTimeline(rows, scope, (time_range.start - EPOCH) // micro)
     if spec.order is FunnelOrder.ANY:
         end_us = (time_range.end - EPOCH) // micro
         entrants, reached = _any_order_minima(timeline, spec, end_us)
     else:
         entrants, reached = _sequence_minima(timeline, spec)
-    durations = np.full((len(entrants), n_steps), _INF, dtype=np.int64)
+    durations = np.full((len(entrants), n_steps), INF, dtype=np.int64)
     for k, (people, minima) in enumerate(reached):
         durations[np.searchsorted(entrants, people), k] = minima
     breakdown = None
@@ -469,7 +384,7 @@ def _summarise(durations: _I64, spec: FunnelSpec) -> tuple[FunnelStepResult, ...
     previous = entered
     for k, step in enumerate(spec.steps):
         column = durations[:, k]
-        reached_durations = column[column != _INF]
+        reached_durations = column[column != INF]
         users = len(reached_durations)
         from_previous = (users / previous if previous else 0.0) if k else (1.0 if users else 0.0)
         results.append(

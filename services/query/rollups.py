@@ -286,6 +286,11 @@ class RollupStore:
             " (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)"
         )
         self._lock = threading.Lock()
+        # Cursors in use. DuckDB crashes (SIGSEGV) when a connection is closed while a
+        # cursor of it still runs in another thread — e.g. a flush left running in a
+        # worker thread after its asyncio task was cancelled — so close() waits for zero.
+        self._in_use = threading.Condition(self._lock)
+        self._active = 0
         self._closed = False
         state = self._state("closed_cleanly")
         # New file: nothing rolled up yet, so everything raw holds must be built; not
@@ -309,11 +314,18 @@ class RollupStore:
             if self._closed:
                 raise RuntimeError("rollup store is closed")
             cursor = self._conn.cursor()
+            self._active += 1
         try:
             bound = dict(params) if isinstance(params, Mapping) else list(params)
             return cursor.sql(sql, params=bound).to_arrow_table()
         finally:
             cursor.close()
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._in_use.notify_all()
 
     def transaction(self) -> _Transaction:
         return _Transaction(self)
@@ -324,6 +336,7 @@ class RollupStore:
             if self._closed:
                 return
             self._closed = True
+            self._in_use.wait_for(lambda: self._active == 0, timeout=60)
             with contextlib.suppress(duckdb.Error):
                 self._set_state("closed_cleanly", "yes")
             self._conn.close()
@@ -341,6 +354,7 @@ class _Transaction:
             if self._store._closed:
                 raise RuntimeError("rollup store is closed")
             self.cursor = self._store._conn.cursor()
+            self._store._active += 1
         self.cursor.execute("BEGIN")
         return self.cursor
 
@@ -359,6 +373,7 @@ class _Transaction:
                     self.cursor.execute("ROLLBACK")
         finally:
             self.cursor.close()
+            self._store._release()
 
 
 # --- maintenance -----------------------------------------------------------------------

@@ -92,7 +92,13 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             # with the server. Built outside a loop (tests), call `scheduler.run_due`.
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop()
-                self.scheduler.start()
+                self.start_background()
+
+    def start_background(self) -> None:
+        """Starts the report scheduler on the running loop (idempotent; the constructor
+        already does when built inside a loop, as in `Mesh.start`)."""
+        if self.scheduler is not None:
+            self.scheduler.start()
 
     async def aclose(self) -> None:
         """Stops the report scheduler and closes the report store."""

@@ -15,10 +15,12 @@ Definitions (people are actors as in `services.query.metrics`):
 - Averages are means over sessions (0.0 for no sessions); the median is the middle
   duration (the mean of the two middle ones for an even count).
 
-How: one DuckDB window pass marks each event that opens a session (gap before it over
-the timeout, or first) and each that closes one (gap after it over the timeout, or
-last), with its position; a second window over those boundary rows only pairs each
-opening with the next closing. Durations and event counts fall out of the pair.
+How: DuckDB reads (person, time) of the events in the scanned span, unsorted; the
+rows become packed positions (`services.query.timelines`) sorted with `np.sort`, and the
+sessions fall out of vectorised passes over the sorted times (a gap over the timeout or a
+new person opens one). Buckets are integer arithmetic on the start; sums are exact
+integers. About 10x faster than the same logic as DuckDB window functions, which need
+two sorts of all rows (docs/benchmarks-analytics.md).
 """
 
 from __future__ import annotations
@@ -26,19 +28,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import numpy as np
+import numpy.typing as npt
+
 from services.query.metrics import EPOCH, Granularity, Scope, TimeRange, bucket_starts
-from services.query.scoped_sql import (
-    Params,
-    actor_columns,
-    bucket_key_sql,
-    bucket_start,
-    tenant_filter,
-)
+from services.query.scoped_sql import Params, actor_columns, tenant_filter
+from services.query.timelines import PersonTimeline
 from services.storage.event_store import TABLE, EventStore
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 MAX_TIMEOUT = timedelta(days=1)
 _MICROSECOND = timedelta(microseconds=1)
+_DAY_US = 86_400_000_000
+_STEP_US = {
+    Granularity.MINUTE: 60_000_000,
+    Granularity.HOUR: 3_600_000_000,
+    Granularity.DAY: _DAY_US,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,32 +68,22 @@ def check_timeout(timeout: timedelta) -> None:
         raise ValueError(f"the session timeout must be in (0, {MAX_TIMEOUT}]")
 
 
-def sessions_sql(source: str, person: list[str], timeout_param: str) -> str:
-    """SQL of one row per session of the rows of `source` (a subquery with the `person`
-    columns and `t`, epoch microseconds): `start_us`, `duration_us`, `events`.
-
-    `timeout_param` is the placeholder of the timeout in microseconds.
-    """
-    key = ", ".join(person)
-    return f"""
-        SELECT {key}, t AS start_us,
-               (CASE WHEN closes THEN t ELSE next_t END) - t AS duration_us,
-               (CASE WHEN closes THEN n ELSE next_n END) - n + 1 AS events
-        FROM (
-          SELECT *, lead(t) OVER bounds AS next_t, lead(n) OVER bounds AS next_n
-          FROM (
-            SELECT {key}, t,
-                   coalesce(t - lag(t) OVER events > {timeout_param}, TRUE) AS opens,
-                   coalesce(lead(t) OVER events - t > {timeout_param}, TRUE) AS closes,
-                   row_number() OVER events AS n
-            FROM ({source})
-            WINDOW events AS (PARTITION BY {key} ORDER BY t)
-          )
-          WHERE opens OR closes
-          WINDOW bounds AS (PARTITION BY {key} ORDER BY n)
-        )
-        WHERE opens
-    """
+def _bucket_index(
+    starts_us: npt.NDArray[np.int64], first: datetime, granularity: Granularity
+) -> npt.NDArray[np.int64]:
+    """The bucket of each start (epoch us), counted from the bucket starting at `first`
+    (UTC; ISO weeks; calendar months)."""
+    first_us = (first - EPOCH) // _MICROSECOND
+    if granularity in _STEP_US:
+        step = _STEP_US[granularity]
+        return starts_us // step - first_us // step
+    days = starts_us // _DAY_US
+    if granularity is Granularity.WEEK:
+        mondays = days - (days + 3) % 7  # 1970-01-01 was a Thursday
+        first_day = first_us // _DAY_US
+        return (mondays - (first_day - (first_day + 3) % 7)) // 7
+    months = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
+    return months - ((first.year - 1970) * 12 + first.month - 1)
 
 
 def session_analytics(
@@ -101,38 +97,48 @@ def session_analytics(
     check_timeout(timeout)
     starts = bucket_starts(time_range, granularity)
     params = Params()
-    person = actor_columns(scope)
-    source = (
-        f"SELECT {', '.join(person)}, epoch_us(occurred_at) AS t FROM {TABLE}"
+    scan_start = time_range.start - timeout
+    rows = store.read(
+        f"SELECT {', '.join(actor_columns(scope))}, epoch_us(occurred_at) AS t FROM {TABLE}"
         f" WHERE {tenant_filter(scope, params)} AND actor_key IS NOT NULL"
-        f" AND occurred_at >= {params.bind(time_range.start - timeout, 'scan_start')}"
-        f" AND occurred_at < {params.bind(time_range.end, 'end')}"
+        f" AND occurred_at >= {params.bind(scan_start, 'scan_start')}"
+        f" AND occurred_at < {params.bind(time_range.end, 'end')}",
+        params.values,
     )
-    timeout_us = params.bind(timeout // _MICROSECOND, "timeout")
-    range_start = params.bind((time_range.start - EPOCH) // _MICROSECOND, "start")
-    day = "CAST(make_timestamp(start_us) AS DATE)"  # a TIMESTAMP without zone: no ICU
-    sql = f"""
-        SELECT {bucket_key_sql(granularity, "start_us", day)} AS bucket, count(*) AS sessions,
-               CAST(sum(duration_us) AS BIGINT) AS total_us,
-               count(*) FILTER (WHERE events = 1) AS bounces,
-               quantile_cont(duration_us, 0.5) AS median_us,
-               GROUPING(bucket) AS overall
-        FROM ({sessions_sql(source, person, timeout_us)})
-        WHERE start_us >= {range_start}
-        GROUP BY GROUPING SETS ((bucket), ())
-    """
-    per_bucket: dict[datetime, SessionBucket] = {}
-    total = SessionStats((), 0, 0.0, 0.0)
-    for row in store.read(sql, params.values).to_pylist():
-        sessions = int(row["sessions"])
-        mean = (int(row["total_us"] or 0) / sessions) / 1_000_000 if sessions else 0.0
-        if row["overall"]:
-            median = float(row["median_us"] or 0.0) / 1_000_000
-            total = SessionStats((), sessions, mean, median)
-            continue
-        start = bucket_start(row["bucket"], granularity)
-        per_bucket[start] = SessionBucket(start, sessions, mean, int(row["bounces"]) / sessions)
-    buckets = tuple(per_bucket.get(s, SessionBucket(s, 0, 0.0, 0.0)) for s in starts)
+    empty = SessionStats(tuple(SessionBucket(s, 0, 0.0, 0.0) for s in starts), 0, 0.0, 0.0)
+    if rows.num_rows == 0:
+        return empty
+    timeline = PersonTimeline(rows, scope, (scan_start - EPOCH) // _MICROSECOND)
+    positions = timeline.all_positions()
+    t = timeline.time(positions)
+    person = timeline.person(positions)
+    opens = np.ones(len(t), dtype=bool)
+    opens[1:] = (person[1:] != person[:-1]) | (np.diff(t) > timeout // _MICROSECOND)
+    first = np.flatnonzero(opens)
+    last = np.append(first[1:], len(t)) - 1
+    counted = t[first] >= (time_range.start - EPOCH) // _MICROSECOND
+    first, last = first[counted], last[counted]
+    if len(first) == 0:
+        return empty
+    durations = t[last] - t[first]
+    bucket = _bucket_index(t[first], starts[0], granularity)
+    sessions = np.bincount(bucket, minlength=len(starts))
+    total_us = np.zeros(len(starts), dtype=np.int64)
+    np.add.at(total_us, bucket, durations)  # exact integers, unlike bincount's weights
+    bounces = np.bincount(bucket[last == first], minlength=len(starts))
+    buckets = tuple(
+        SessionBucket(
+            start,
+            int(sessions[i]),
+            (int(total_us[i]) / int(sessions[i])) / 1_000_000 if sessions[i] else 0.0,
+            int(bounces[i]) / int(sessions[i]) if sessions[i] else 0.0,
+        )
+        for i, start in enumerate(starts)
+    )
+    count = len(durations)
     return SessionStats(
-        buckets, total.session_count, total.average_duration_seconds, total.median_duration_seconds
+        buckets,
+        count,
+        (int(durations.sum()) / count) / 1_000_000,
+        float(np.median(durations)) / 1_000_000,
     )

@@ -254,6 +254,10 @@ class DuckDBEventStore:
         self._conn.execute("SET GLOBAL lock_configuration = true")
         self._write_lock = threading.Lock()
         self._cursor_lock = threading.Lock()
+        # Reader cursors in use: closing the connection while one still runs in another
+        # thread crashes DuckDB (SIGSEGV), so close() waits for them.
+        self._readers_done = threading.Condition(self._cursor_lock)
+        self._active_readers = 0
         self._writer = self._conn.cursor()
         self._closed = False
         self._actor_keys: dict[str, dict[str, int]] = {}
@@ -301,9 +305,11 @@ class DuckDBEventStore:
     def close(self) -> None:
         """Checkpoints (DuckDB does on close) and releases the file; idempotent."""
         with self._write_lock:
-            if self._closed:
-                return
-            self._closed = True
+            with self._cursor_lock:
+                if self._closed:
+                    return
+                self._closed = True
+                self._readers_done.wait_for(lambda: self._active_readers == 0, timeout=60)
             self._writer.close()
             self._conn.close()
 
@@ -542,7 +548,14 @@ class DuckDBEventStore:
         with self._cursor_lock:
             if self._closed:
                 raise RuntimeError("event store is closed")
+            self._active_readers += 1
             return self._conn.cursor()
+
+    def _release(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        cursor.close()
+        with self._cursor_lock:
+            self._active_readers -= 1
+            self._readers_done.notify_all()
 
     def read(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> pa.Table:
         """Runs one SELECT on its own cursor and returns all rows.
@@ -558,7 +571,7 @@ class DuckDBEventStore:
             relation = cursor.sql(sql, params=bound)
             return relation.to_arrow_table()
         finally:
-            cursor.close()
+            self._release(cursor)
 
     def event_ids_since(self, since: datetime) -> Iterator[tuple[str, str]]:
         """Streams (tenant_id, event_id) received at or after `since`, in no order.
@@ -577,7 +590,7 @@ class DuckDBEventStore:
                     batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
                 )
         finally:
-            cursor.close()
+            self._release(cursor)
 
     def count(self, tenant_id: str) -> int:
         table = self.read(f"SELECT count(*) AS n FROM {TABLE} WHERE tenant_id = ?", [tenant_id])

@@ -226,6 +226,16 @@ def test_bad_specs_are_refused() -> None:
         CohortSpec(period_count=53)
 
 
+@pytest.mark.integration
+def test_too_many_cohorts_are_refused(tmp_path: Path) -> None:
+    with DuckDBEventStore(tmp_path / "c.duckdb") as store:
+        decade = TimeRange(START, START + timedelta(days=3650))
+        with pytest.raises(ValueError, match="cohorts"):
+            cohorts.compute_cohorts(
+                store, Scope.tenant("t"), decade, CohortSpec(period=Granularity.DAY)
+            )
+
+
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DuckDBEventStore]:
     store = DuckDBEventStore(tmp_path_factory.mktemp("cohort-property") / "events.duckdb")

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.events.model import TrackedEvent, TrackedEventType
-from services.query import funnels
+from services.query import funnels, timelines
 from services.query.funnels import (
     FunnelBreakdown,
     FunnelOrder,
@@ -234,7 +234,7 @@ def test_funnels_match_the_oracle(
 ) -> None:
     store, events = loaded
     if not packed:  # no bits to pack positions into: the rows are sorted instead
-        monkeypatch.setattr(funnels, "PACKED_BITS", 0)
+        monkeypatch.setattr(timelines, "PACKED_BITS", 0)
     for name, spec in SPECS.items():
         spec = replace(spec, order=order)
         got = funnels.compute_funnel(store, scope, RANGE, spec)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.events.model import TrackedEvent, TrackedEventType
-from services.query import sessions
+from services.query import sessions, timelines
 from services.query.metrics import Granularity, Scope, TimeRange
 from services.query.sessions import SessionBucket, SessionStats
 from services.storage.event_store import DuckDBEventStore
@@ -95,6 +95,7 @@ RANGE = TimeRange(START + timedelta(days=3, hours=2, minutes=11), START + timede
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "lexsorted"])
 @pytest.mark.parametrize(
     "granularity", [Granularity.HOUR, Granularity.DAY, Granularity.WEEK, Granularity.MONTH]
 )
@@ -102,8 +103,14 @@ RANGE = TimeRange(START + timedelta(days=3, hours=2, minutes=11), START + timede
     "scope", [Scope.tenant("acme"), Scope.all_tenants()], ids=["tenant", "all"]
 )
 def test_sessions_match_the_oracle(
-    loaded: tuple[DuckDBEventStore, list[TrackedEvent]], scope: Scope, granularity: Granularity
+    loaded: tuple[DuckDBEventStore, list[TrackedEvent]],
+    scope: Scope,
+    granularity: Granularity,
+    packed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if not packed:  # no bits to pack positions into: the rows are sorted instead
+        monkeypatch.setattr(timelines, "PACKED_BITS", 0)
     store, events = loaded
     for timeout in (sessions.DEFAULT_TIMEOUT, timedelta(minutes=5), timedelta(hours=6)):
         got = sessions.session_analytics(store, scope, RANGE, granularity, timeout)

@@ -239,3 +239,27 @@ def test_property_users_match_the_oracle(
     for user_id in sorted({e.user_id for e in events if e.user_id}):
         got = users.user_analytics(shared_store, Scope.tenant(tenant), user_id, timeout)
         _same(got, oracle(events, tenant, user_id, timeout))
+
+
+class _ReadOnly:
+    """A store that only answers SQL: no in-memory actor map to look keys up in."""
+
+    def __init__(self, store: DuckDBEventStore) -> None:
+        self._store = store
+
+    def read(self, sql: str, params: object = ()) -> object:
+        return self._store.read(sql, params)  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+def test_the_actor_table_gives_the_same_answers(
+    loaded: tuple[DuckDBEventStore, list[TrackedEvent]],
+) -> None:
+    store, events = loaded
+    plain = _ReadOnly(store)
+    for user_id in sorted({e.user_id for e in events if e.tenant_id == "acme" and e.user_id})[:8]:
+        assert users.user_analytics(plain, Scope.tenant("acme"), user_id) == (  # type: ignore[arg-type]
+            users.user_analytics(store, Scope.tenant("acme"), user_id)
+        )
+    with pytest.raises(UserNotFoundError):
+        users.user_analytics(plain, Scope.tenant("acme"), "nobody")  # type: ignore[arg-type]
