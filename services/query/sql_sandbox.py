@@ -578,17 +578,24 @@ def _cursor(store: EventStore) -> Iterator[duckdb.DuckDBPyConnection | None]:
     """A cursor of the store's database that can be interrupted, or None for stores
     that do not offer one (then the deadline cannot stop the query, only the wait).
 
-    `DuckDBEventStore` keeps its cursors private; this is the one place that reaches in.
+    `DuckDBEventStore` keeps its cursors private: this is the one place that reaches in,
+    taking and giving back a cursor exactly as its own `read` does (`_cursor` counts
+    active readers, `_release` uncounts them so `close` does not wait for us). It wants
+    to become a public `DuckDBEventStore.cursor()` context manager.
     """
     factory = getattr(store, "_cursor", None)
     if factory is None:
         yield None
         return
+    release = getattr(store, "_release", None)
     cursor = factory()
     try:
         yield cursor
     finally:
-        cursor.close()
+        if release is not None:
+            release(cursor)
+        else:
+            cursor.close()
 
 
 def _run(

@@ -438,3 +438,21 @@ def test_property_counts_see_exactly_the_tenants_events(
         }
         expected.append((name, len(evs), len(actors), sum(e.quantity for e in evs)))
     assert [tuple(r) for r in result.rows] == expected
+
+
+@pytest.mark.integration
+def test_the_store_closes_promptly_after_queries(tmp_path: Path) -> None:
+    """The sandbox takes cursors the way the store's own reads do, and gives them back,
+    also after a timeout: closing the store does not wait for phantom readers."""
+    store = DuckDBEventStore(tmp_path / "events.duckdb")
+    store.append(clustered_events(3, 5, tenants=(MINE,)))
+    _run(store, "SELECT count(*) FROM events")
+    with pytest.raises(AnalyticsError):
+        _run(
+            store,
+            "SELECT count(*) FROM events a, events b, events c, events d, events e, events f",
+            timeout=timedelta(milliseconds=100),
+        )
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 5
