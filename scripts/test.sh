@@ -35,8 +35,15 @@ eval "$(bash dev/kafka.sh env)"
 
 echo "== tests"
 set +e
-$BIN/pytest -q -n 2 --dist loadgroup -p no:cacheprovider "$@"
+# Each test has its own limit (pytest-timeout, pyproject.toml); this one bounds the run as
+# a whole, so that a hang nothing else catches still ends with the output of what ran
+# rather than at CI's outer limit with none. A normal run takes 10-15 min on 2 cores.
+timeout --signal=TERM --kill-after=60 "${BILTEN_TEST_TIMEOUT:-2700}" \
+  $BIN/pytest -q -n 2 --dist loadgroup -p no:cacheprovider --durations=25 "$@"
 rc=$?
+if [ "$rc" -eq 124 ]; then
+  echo "pytest ran past ${BILTEN_TEST_TIMEOUT:-2700} s and was stopped" >&2
+fi
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests" >&2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -9,11 +12,44 @@ from bilten.analytics.type.v1 import tracked_event_pb2 as te
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.type import money_pb2
 
+# Ports the kernel hands out itself (bind to 0, outgoing connections) come from the
+# ephemeral range (32768-60999 here), so a port picked that way can be taken by a Kafka or
+# HTTP client before the server under test binds it ("Address already in use"). Servers
+# get ports below that range instead, from a slice of its own per xdist worker so that two
+# workers never pick the same one.
+_PORT_RANGE = (15_000, 32_000)
+_WORKER_SLOTS = 4
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0) % _WORKER_SLOTS
+
+
+def _candidate_ports() -> itertools.cycle[int]:
+    low, high = _PORT_RANGE
+    width = (high - low) // _WORKER_SLOTS
+    start = low + _worker_index() * width
+    ports = list(range(start, start + width))
+    random.Random(os.getpid()).shuffle(ports)
+    return itertools.cycle(ports)
+
+
+_candidates = _candidate_ports()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, outside the ephemeral range, not given out before by
+    this process (the cycle covers thousands of ports before it repeats one)."""
+    for _ in range(1_000):
+        port = next(_candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def ts(value: datetime) -> timestamp_pb2.Timestamp:

@@ -265,7 +265,7 @@ class Cluster:
             "LANG": "C.UTF-8",
         }
         (pod.root / "home").mkdir(exist_ok=True)
-        for passthrough in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        for passthrough in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "PYTHONFAULTHANDLER"):
             if passthrough in os.environ:
                 env[passthrough] = os.environ[passthrough]
         image_env = dockerfile_env()
