@@ -165,6 +165,14 @@ class _Call:
         self._caller: Principal | None = None
         self._resource = ""
         self._audited = False
+        self._peer = ""
+
+    def _note_peer(self, context: Any) -> None:
+        # Read once while the call is certainly alive: after a client hangs up on a
+        # stream, grpc.aio frees the call, and `context.peer()` / `context.cancelled()`
+        # from the handler's `finally` then crash the process (SIGSEGV, seen on the
+        # aggregation service's live streams). Nothing reads the context after the call.
+        self._peer = client_address(str(context.peer()), self._metadata.get("x-forwarded-for", ""))
 
     def _note_resource(self, request: Message) -> None:
         fields = request.DESCRIPTOR.fields_by_name
@@ -175,7 +183,7 @@ class _Call:
                     self._resource = resource_label(name, value)
                     return
 
-    async def _record_audit(self, context: Any, outcome: str) -> None:
+    async def _record_audit(self, outcome: str) -> None:
         """After the call: who, what, on what, from where, outcome (services/platform/
         audit.py). A failure to write is logged, never turned into the call's error: the
         call has already taken effect."""
@@ -190,9 +198,7 @@ class _Call:
                     actor=caller.subject if caller else "anonymous",
                     action=self._method,
                     resource=self._resource,
-                    peer=client_address(
-                        str(context.peer()), self._metadata.get("x-forwarded-for", "")
-                    ),
+                    peer=self._peer,
                     outcome=outcome,
                     at=datetime.now(UTC),
                 )
@@ -236,7 +242,7 @@ class _Call:
         status = to_rpc_status(analytics_error)
         trace.get_current_span().set_attribute("rpc.grpc.status_code", status.code.name)
         self._record(analytics_error.code.value)
-        await self._record_audit(context, analytics_error.code.value)
+        await self._record_audit(analytics_error.code.value)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _record(self, code: str, started: float | None = None) -> None:
@@ -250,6 +256,7 @@ class _Call:
             request: Message, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Message:
             started = time.perf_counter()
+            self._note_peer(context)
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
                     self._note_resource(request)
@@ -265,7 +272,7 @@ class _Call:
                     await self._fail(context, error)
                     raise
                 self._record("OK", started)
-                await self._record_audit(context, "OK")
+                await self._record_audit("OK")
                 return response
 
         return behavior
@@ -276,6 +283,10 @@ class _Call:
         async def behavior(
             request: Message, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Message]:
+            self._note_peer(context)
+            # Until the stream ends by itself: a client hanging up (or a server cancel)
+            # ends it with CancelledError / GeneratorExit at a `yield`.
+            outcome = "CANCELLED"
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
                     self._note_resource(request)
@@ -283,18 +294,18 @@ class _Call:
                     self._validate(request)
                     async for response in inner(request, context):
                         yield response
+                    outcome = "OK"
                 except grpc.aio.AbortError:
+                    outcome = "ABORTED"
                     raise
                 except Exception as error:
                     await self._fail(context, error)
                     raise
                 finally:
-                    # A client that hangs up mid-stream (or a server cancel) still leaves
-                    # a trace of what was read.
+                    # A client that hangs up mid-stream still leaves a trace of what was
+                    # read. Not a word to `context` here (see `_note_peer`).
                     if not self._audited:
-                        await self._record_audit(
-                            context, "CANCELLED" if context.cancelled() else "OK"
-                        )
+                        await self._record_audit(outcome)
                 self._record("OK")
 
         return behavior
@@ -314,6 +325,7 @@ class _Call:
     ) -> Callable[..., Awaitable[Message]]:
         async def behavior(requests: AsyncIterator[Message], context: Any) -> Message:
             started = time.perf_counter()
+            self._note_peer(context)
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
                     self._admit()
@@ -324,7 +336,7 @@ class _Call:
                     await self._fail(context, error)
                     raise
                 self._record("OK", started)
-                await self._record_audit(context, "OK")
+                await self._record_audit("OK")
                 return response
 
         return behavior
@@ -335,20 +347,22 @@ class _Call:
         async def behavior(
             requests: AsyncIterator[Message], context: Any
         ) -> AsyncIterator[Message]:
+            self._note_peer(context)
+            outcome = "CANCELLED"  # as in server_stream
             with _tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER):
                 try:
                     self._admit()
                     async for response in inner(self._validated(requests), context):
                         yield response
+                    outcome = "OK"
                 except grpc.aio.AbortError:
+                    outcome = "ABORTED"
                     raise
                 except Exception as error:
                     await self._fail(context, error)
                     raise
                 finally:
                     if not self._audited:
-                        await self._record_audit(
-                            context, "CANCELLED" if context.cancelled() else "OK"
-                        )
+                        await self._record_audit(outcome)
 
         return behavior

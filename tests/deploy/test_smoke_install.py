@@ -608,9 +608,5 @@ class TestMinimalShape(_SmokeInstall):
     shape = "minimal"
 
 
-@pytest.mark.skip(
-    reason="KNOWN BUG (open, issue #8/#5): `serve aggregation` with the Kafka event log "
-    "segfaults (exit -11) at start in this shape; skipped so the rest lands, not passed"
-)
 class TestProductionShape(_SmokeInstall):
     shape = "production"

@@ -317,3 +317,29 @@ async def test_alerts_stream_scopes_by_tenant_and_ends_in_band_on_shutdown(
     finally:
         await mesh.stop()
     assert AlertSeverity.CRITICAL.value == "critical"
+
+
+async def test_clients_hanging_up_on_streams_leave_the_server_up_and_an_audit_entry(
+    live: Live,
+) -> None:
+    """Regression: the edge used to read `context.peer()` / `cancelled()` in the stream's
+    `finally`, after grpc.aio had freed the cancelled call, and the process died with
+    SIGSEGV (seen on the aggregation service of the production smoke install). Many
+    hang-ups at different moments, then the server must still answer."""
+    for round_ in range(40):
+        stream = live.agg.StreamLiveMetrics(agg_pb.StreamLiveMetricsRequest(), metadata=live.read)
+        if round_ % 2:
+            await asyncio.wait_for(stream.read(), 5)  # hang up mid-stream ...
+        stream.cancel()  # ... or before the first message
+        await asyncio.sleep(0.01 * (round_ % 4))
+    await asyncio.sleep(0.5)  # the server side's `finally` blocks run
+    first = await asyncio.wait_for(
+        live.agg.StreamLiveMetrics(agg_pb.StreamLiveMetricsRequest(), metadata=live.read).read(),
+        5,
+    )
+    assert first.tickets_sold_today == 0
+    entries, _ = live.mesh.metadata.list_audit(live.tenant, 200, "")
+    streams = [e for e in entries if e.action.endswith("/StreamLiveMetrics")]
+    assert streams and {e.outcome for e in streams} <= {"CANCELLED", "OK"}
+    assert any(e.outcome == "CANCELLED" for e in streams)
+    assert all(e.peer.startswith("ipv4:127.0.0.1:") for e in streams), streams[0].peer
