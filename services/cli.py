@@ -142,11 +142,12 @@ async def _serve(args: argparse.Namespace) -> int:
         from services.platform.auth import Authenticator, TokenIssuer
         from services.platform.schema_registry_auth import PlatformRegistryAuthenticator
         from services.platform.secrets_file import load_secrets
-        from services.storage.metadata_store import SQLiteMetadataStore
+        from services.storage.metadata_store import open_metadata_store
 
         assert isinstance(settings, PlatformSettings)
         secrets = load_secrets(settings)
-        metadata = SQLiteMetadataStore(Path(settings.data_dir) / "metadata.sqlite3")
+        # API keys are checked against the platform's metadata (shared when on PostgreSQL).
+        metadata = open_metadata_store(settings.metadata_store_url, Path(settings.data_dir))
         tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
         registry = EmbeddedRegistry(
             RegistrySettings(),
@@ -182,6 +183,10 @@ def _bench(args: argparse.Namespace) -> int:
         from services.bench.ingest_bench import main as ingest_main
 
         return ingest_main(args.rest)
+    if args.what == "analytics":
+        from services.query.analytics_bench import main as analytics_main
+
+        return analytics_main(args.rest)
     from services.bench.query_bench import main as query_main
 
     # The query bench parses its own arguments from sys.argv.
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     pinot.add_argument("action", choices=["show", "apply"])
     pinot.add_argument("rest", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
-    bench.add_argument("what", choices=["ingest", "query"])
+    bench.add_argument("what", choices=["ingest", "query", "analytics"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     audit = sub.add_parser("audit", help="check the audit log's hash chains")
     audit.add_argument("action", choices=["verify"])
@@ -235,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     retention.add_argument("--apply", action="store_true", help="delete, not only count")
     for p in (audit, retention):
         p.add_argument("--data-dir", default=os.environ.get("BILTEN_DATA_DIR", ".bilten"))
+        # The services' shared metadata, from the environment only: the URL carries a
+        # password, which does not belong on a command line.
+        p.set_defaults(metadata_store_url=os.environ.get("BILTEN_METADATA_STORE_URL", ""))
     args = parser.parse_args(argv)
     if args.command in ("audit", "retention"):
         from services.compliance import commands
 
         if args.command == "audit":
-            return commands.audit_verify(Path(args.data_dir))
-        return commands.retention_enforce(Path(args.data_dir), args.apply)
+            return commands.audit_verify(Path(args.data_dir), args.metadata_store_url)
+        return commands.retention_enforce(Path(args.data_dir), args.apply, args.metadata_store_url)
     if args.command == "bench":
         return _bench(args)
     if args.command == "pinot":

@@ -30,13 +30,13 @@ from services.compliance.api_keys import ApiKeyManager
 from services.compliance.consent import ConsentMode, ConsentRegistry
 from services.compliance.erasure import ErasureService
 from services.compliance.network import IpAllowlist
-from services.compliance.retention import RetentionPolicies
+from services.compliance.retention import RetentionJob, RetentionPolicies
 from services.compliance.servicer import ComplianceDomain, ComplianceServicer
 from services.ingestion.dedup import DedupWindow
 from services.ingestion.definitions import RegistryEventDefinitions
 from services.ingestion.enrichment import Enricher
 from services.ingestion.pipeline import EventLog, IngestionPipeline, PipelineLimits
-from services.ingestion.rate_limit import TokenBucketLimiter
+from services.ingestion.rate_limit import rate_limiter_for
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
 from services.platform.audit import AuditLog
@@ -58,10 +58,16 @@ from services.platform.settings import PlatformSettings
 from services.platform.telemetry import observe_gauge
 from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
+from services.query.metric_backend import MetricBackend, for_settings
 from services.query.servicer import QueryServicer
 from services.storage.event_store import DuckDBEventStore
 from services.storage.group_commit import GroupCommitter
-from services.storage.metadata_store import ApiKeyRecord, SQLiteMetadataStore, Tenant
+from services.storage.metadata_store import (
+    ApiKeyRecord,
+    MetadataStore,
+    Tenant,
+    open_metadata_store,
+)
 from services.streaming.live import LiveFeed
 from services.streaming.status import EmbeddedPipelineStatus, PipelineStatusSource
 from services.streaming.wiring import KafkaStreaming
@@ -77,7 +83,7 @@ CREDENTIALS_FILE = "credentials.json"
 class Mesh:
     settings: PlatformSettings
     secrets: Secrets
-    metadata: SQLiteMetadataStore
+    metadata: MetadataStore
     event_store: DuckDBEventStore
     event_log: GroupCommitter
     tokens: TokenIssuer
@@ -90,6 +96,9 @@ class Mesh:
     audit: AuditLog | None = None
     # Live hubs, rollups and result cache (services/aggregation/runtime.py).
     aggregation: AggregationRuntime | None = None
+    # Where metric reads are answered: the event store or Pinot (settings.query_backend).
+    metric_backend: MetricBackend | None = None
+    retention_job: RetentionJob | None = None  # set by start() where it runs
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -97,7 +106,8 @@ class Mesh:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         secrets = load_secrets(settings)
-        metadata = SQLiteMetadataStore(data_dir / "metadata.sqlite3")
+        # SQLite in data_dir, or PostgreSQL shared by every pod (settings.metadata_store_url).
+        metadata = open_metadata_store(settings.metadata_store_url, data_dir)
         event_store = DuckDBEventStore(data_dir / "events.duckdb")
         event_log = GroupCommitter(event_store, max_pending_events=settings.max_pending_events)
         tokens = TokenIssuer(secrets.jwt_secret, settings.jwt_issuer, settings.jwt_audience)
@@ -105,7 +115,12 @@ class Mesh:
         authenticator = Authenticator(
             tokens, metadata, secrets.api_key_pepper, used_token_ids=metadata
         )
-        consent = ConsentRegistry(metadata, ConsentMode(settings.consent_default_mode))
+        # On a shared store other pods record consent too: ingestion follows the store.
+        consent = ConsentRegistry(
+            metadata,
+            ConsentMode(settings.consent_default_mode),
+            feed=metadata if settings.metadata_store_url else None,
+        )
         # Ingestion reads event definitions from the registry with its own service token:
         # read-only, confined to the platform pseudo-tenant for writes.
         registry_token = tokens.issue(
@@ -127,10 +142,17 @@ class Mesh:
                 tokens.issue("streaming", "", frozenset({Scope.ADMIN}), ttl_seconds=365 * 86_400),
             )
             append_to = streaming.event_log
-        aggregation = AggregationRuntime(settings, event_store)
+        # Rollup reads and pruning follow each tenant's own retention (compliance).
+        aggregation = AggregationRuntime(settings, event_store, retention_records=metadata)
+        # query_backend=pinot: GetMetrics and the aggregation's raw-window metric reads ask
+        # Pinot; every other read stays on the store the processor fills (docs/streaming.md).
+        metric_backend = for_settings(settings, event_store)
+        aggregation.reads.read_raw_from(metric_backend)
         dedup = DedupWindow(settings.dedup_window_seconds)
         since = datetime.now(UTC) - timedelta(seconds=settings.dedup_window_seconds)
         dedup.warm(list(event_store.event_ids_since(since)), time.time())
+        # Shared by the replicas through Redis when settings.redis_url is set.
+        rate_limiter = rate_limiter_for(settings)
         pipeline = IngestionPipeline(
             PipelineLimits(
                 dedup_window_seconds=settings.dedup_window_seconds,
@@ -139,9 +161,7 @@ class Mesh:
             ),
             Enricher(secrets.ip_hash_key),
             dedup,
-            TokenBucketLimiter(
-                settings.rate_limit_events_per_second, settings.rate_limit_burst_events
-            ),
+            rate_limiter,
             append_to,
             MetadataQuarantine(metadata),
             definitions,
@@ -166,6 +186,8 @@ class Mesh:
             consent=consent,
             audit=AuditLog(metadata),
             aggregation=aggregation,
+            metric_backend=metric_backend,
+            _closers=[rate_limiter.aclose],  # the Redis connections, if any
         )
 
     @property
@@ -191,7 +213,15 @@ class Mesh:
             ),
             "query": Registration(
                 "bilten.analytics.query.v1.QueryService",
-                QueryServicer(self.event_store, reports_path=self.metadata.path),
+                QueryServicer(
+                    self.event_store,
+                    # Scheduled reports keep their own tables in this pod's SQLite file.
+                    reports_path=Path(self.settings.data_dir) / "metadata.sqlite3",
+                    metric_backend=self.metric_backend,
+                    # Older ranges from the rollups (raw only until the aggregation
+                    # runtime is started in this process).
+                    reads=self.aggregation.reads if self.aggregation else None,
+                ),
                 query_grpc.add_QueryServiceServicer_to_server,
             ),
             "aggregation": Registration(
@@ -244,6 +274,7 @@ class Mesh:
                 self.consent,
                 elsewhere,
                 after_erase=self._drop_cached_results,
+                keys=self.streaming.subject_keys if self.streaming is not None else None,
             ),
             events=self.event_store,
             retention=RetentionPolicies(self.metadata),
@@ -253,6 +284,27 @@ class Mesh:
             ),
             allowlist=IpAllowlist(settings.sensitive_ip_allowlist, settings.trust_forwarded_for),
         )
+
+    def _start_retention_job(self, services: tuple[str, ...]) -> None:
+        """Scheduled raw retention where this process writes the event store: the
+        embedded process serving ingestion, or a stream processor host with Kafka."""
+        interval = self.settings.retention_enforce_interval_seconds
+        writes_store = (
+            any(name in PROCESSOR_HOSTS for name in services)
+            if self.streaming is not None
+            else "ingestion" in services
+        )
+        if not interval or not writes_store or self.audit is None:
+            return
+        job = RetentionJob(
+            RetentionPolicies(self.metadata),
+            self.event_store,
+            self.audit,
+            timedelta(seconds=interval),
+        )
+        job.start()
+        self.retention_job = job
+        self._closers.append(job.aclose)
 
     def _drop_cached_results(self, tenant_id: str) -> None:
         if self.aggregation is not None:
@@ -266,6 +318,7 @@ class Mesh:
             await self.streaming.start()
             if any(name in PROCESSOR_HOSTS for name in services):
                 await self.streaming.start_processor(self.event_store)
+        self._start_retention_job(services)
         registrations = self.registrations(tuple(name for name in services if name != "processor"))
         for registration in registrations:
             if isinstance(registration.servicer, PredictionServicer):
@@ -273,6 +326,11 @@ class Mesh:
                 # is served, from the start rather than from the first prediction call.
                 registration.servicer.start_background()
                 self._closers.append(registration.servicer.service.aclose)
+            elif isinstance(registration.servicer, QueryServicer):
+                # The report scheduler: started with the server, stopped (after the
+                # report it is running) before the stores close.
+                registration.servicer.start_background()
+                self._closers.append(registration.servicer.aclose)
         self.server, self.port, _ = await start_grpc_server(
             registrations,
             self.authenticator,

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow as pa
 import structlog
@@ -37,8 +38,14 @@ from services.live.thresholds import LiveMetricName, ThresholdMonitor, Threshold
 from services.platform.settings import PlatformSettings
 from services.platform.telemetry import observe_gauge
 from services.query.result_cache import ResultCache
-from services.query.rollups import RetentionPolicy, RollupMaintainer, RollupStore
+from services.query.rollups import (
+    RetentionPolicy,
+    RollupMaintainer,
+    RollupStore,
+    TenantRetention,
+)
 from services.storage.event_store import EventStore
+from services.storage.metadata_store import RetentionDays
 from services.streaming.live import LiveFeed
 
 log = structlog.get_logger(__name__)
@@ -56,11 +63,59 @@ def retention_policy(settings: PlatformSettings) -> RetentionPolicy:
     )
 
 
+class RetentionRecords(Protocol):
+    """Where compliance keeps each tenant's own retention (the metadata store)."""
+
+    def get_retention(self, tenant_id: str) -> RetentionDays | None: ...
+    def retention_policies(self) -> Mapping[str, RetentionDays]: ...
+
+
+def _as_policy(tenant_id: str, days: RetentionDays | None) -> RetentionPolicy | None:
+    if days is None:
+        return None
+    try:
+        return RetentionPolicy(
+            raw_days=days.raw_days,
+            minute_days=days.minute_rollup_days,
+            hour_days=days.hour_rollup_days,
+            day_days=days.day_rollup_days,
+        )
+    except ValueError:
+        # Compliance checks the order on the way in; a row that still breaks the tier
+        # rules (edited by hand, an older build) must not stop reads: the default rules.
+        log.warning("tenant_retention_ignored", tenant_id=tenant_id, policy=str(days))
+        return None
+
+
+def tenant_retention(default: RetentionPolicy, records: RetentionRecords) -> TenantRetention:
+    """The default plus each tenant's own policy, read from `records` at each use."""
+
+    def listing() -> dict[str, RetentionPolicy]:
+        own = {t: _as_policy(t, d) for t, d in records.retention_policies().items()}
+        return {t: p for t, p in own.items() if p is not None}
+
+    return TenantRetention(
+        default, lambda tenant_id: _as_policy(tenant_id, records.get_retention(tenant_id)), listing
+    )
+
+
 class AggregationRuntime:
-    def __init__(self, settings: PlatformSettings, events: EventStore) -> None:
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        events: EventStore,
+        retention_records: RetentionRecords | None = None,
+    ) -> None:
+        """`retention_records`: the tenants' own retention policies (the mesh passes its
+        metadata store); without it every tenant gets the settings' policy."""
         self._settings = settings
         self._events = events
         self.policy = retention_policy(settings)
+        self.retention = (
+            tenant_retention(self.policy, retention_records)
+            if retention_records is not None
+            else TenantRetention(self.policy)
+        )
         self.cache = ResultCache(
             settings.result_cache_ttl_seconds, settings.result_cache_max_entries
         )
@@ -88,7 +143,7 @@ class AggregationRuntime:
         )
         self.live.add_listener(self.thresholds.evaluate)
         self.maintainer: RollupMaintainer | None = None
-        self.reads = MetricReads(events, policy=self.policy)
+        self.reads = MetricReads(events, policy=self.retention)
         self._fanout: ObserverFanout | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -111,17 +166,21 @@ class AggregationRuntime:
         """
         data_dir = Path(self._settings.data_dir)
         store = RollupStore(data_dir / ROLLUPS_FILE)
-        maintainer = RollupMaintainer(self._events, store, self.policy)
+        maintainer = RollupMaintainer(self._events, store, self.retention)
         if store.needs_rebuild:
             # After a crash only the raw window can hold minutes a lost flush touched;
             # a new rollup file must take in everything raw still has.
-            since = (
-                None
-                if store.created
-                else datetime.now(UTC) - timedelta(days=self.policy.raw_days + 1)
-            )
+            now = datetime.now(UTC)
+            since = None if store.created else now - timedelta(days=self.policy.raw_days + 1)
+            # Tenants with a shorter raw window of their own have had older raw events
+            # deleted: rebuilding those days from raw would wipe their rollups.
+            later = {
+                tenant_id: now - timedelta(days=policy.raw_days)
+                for tenant_id, policy in (await asyncio.to_thread(self.retention.listing)).items()
+                if policy.raw_days < self.policy.raw_days
+            }
             log.info("rollups_rebuild", since=since.isoformat() if since else "all")
-            await asyncio.to_thread(maintainer.rebuild, since)
+            await asyncio.to_thread(maintainer.rebuild, since, later)
         await asyncio.to_thread(self.live.seed, self._events)
         self.maintainer = maintainer
         self.reads.use_rollups(maintainer)

@@ -13,20 +13,30 @@ Default per tenant (`consent mode`):
   GDPR-style for analytics cookies). Events with neither user id nor anonymous id have no
   subject to consent and are stored in both modes.
 
-In the cluster shape each process holds its own map; a decision recorded in another
-process reaches it only after a restart (docs/compliance.md lists this as open work).
+In the cluster shape (metadata on PostgreSQL, `metadata_store_url`) compliance records
+the decision and ingestion, another process, enforces it. There the registry follows the
+store (`feed`): ingestion awaits `refresh` once per batch before its checks, which reads
+the decisions appended since the last refresh (one indexed query when there are none).
+So a withdrawal whose RecordConsent returned applies to every batch that arrives after
+it, in every pod; no TTL to wait out. Consent ids are committed in order (the store
+serialises consent writes), so "everything after the last id seen" misses nothing.
+Deleted decisions (erasure) and mode changes cannot be read as appended rows; they bump
+a counter, and a registry that sees it move reloads everything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 from opentelemetry import metrics
 
+from services.platform.errors import dependency_unavailable
 from services.storage.metadata_store import ConsentEntry
 
 _meter = metrics.get_meter("bilten.analytics.compliance")
@@ -55,6 +65,17 @@ class ConsentStore(Protocol):
     def consent_modes(self) -> dict[str, str]: ...
 
 
+class ConsentFeed(Protocol):
+    """What a registry following a shared store reads (the metadata stores)."""
+
+    def latest_consents(self, purpose: str) -> list[ConsentEntry]: ...
+    def consent_modes(self) -> dict[str, str]: ...
+    def consent_position(self) -> tuple[int, int]: ...
+    def consents_between(
+        self, purpose: str, after_id: int, up_to_id: int
+    ) -> list[ConsentEntry]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ConsentState:
     current: list[ConsentEntry]  # latest per purpose
@@ -64,14 +85,79 @@ class ConsentState:
 class ConsentRegistry:
     """Consent decisions and the ingestion-time check; thread-safe."""
 
-    def __init__(self, store: ConsentStore, default_mode: ConsentMode = ConsentMode.ASSUMED):
+    def __init__(
+        self,
+        store: ConsentStore,
+        default_mode: ConsentMode = ConsentMode.ASSUMED,
+        feed: ConsentFeed | None = None,
+    ):
+        """`feed`: the store again when other processes write to it too (PostgreSQL);
+        `refresh` then catches up with their decisions. None: this process is the only
+        writer (SQLite), the map is kept current by `record` alone."""
         self._store = store
         self._default_mode = default_mode
+        self._feed = feed
         self._lock = threading.Lock()
-        self._analytics: dict[tuple[str, str], bool] = {
-            (e.tenant_id, e.subject_id): e.granted for e in store.latest_consents(Purpose.ANALYTICS)
+        self._analytics: dict[tuple[str, str], bool] = {}
+        self._modes: dict[str, ConsentMode] = {}
+        self._position = (0, 0)  # (resets, last consent id) applied from the feed
+        # Refreshes of concurrent batches share one store read (see `refresh`).
+        self._refreshing: asyncio.Lock | None = None
+        self._last_refresh_started = 0.0
+        self._reload()
+
+    def _reload(self) -> None:
+        # The position is read before the rows: rows newer than it are applied again by
+        # the next refresh, in id order, which leaves the same latest decision.
+        position = self._feed.consent_position() if self._feed is not None else (0, 0)
+        analytics = {
+            (e.tenant_id, e.subject_id): e.granted
+            for e in self._store.latest_consents(Purpose.ANALYTICS)
         }
-        self._modes = {t: ConsentMode(m) for t, m in store.consent_modes().items()}
+        modes = {t: ConsentMode(m) for t, m in self._store.consent_modes().items()}
+        with self._lock:
+            self._analytics = analytics
+            self._modes = modes
+            self._position = position
+
+    def catch_up(self) -> None:
+        """Applies what other processes changed since the last call (blocking I/O)."""
+        if self._feed is None:
+            return
+        resets, top = self._feed.consent_position()
+        if resets != self._position[0]:
+            self._reload()
+            return
+        if top <= self._position[1]:
+            return
+        entries = self._feed.consents_between(Purpose.ANALYTICS, self._position[1], top)
+        with self._lock:
+            for e in entries:  # oldest first: the last one per subject wins
+                self._analytics[(e.tenant_id, e.subject_id)] = e.granted
+            self._position = (resets, top)
+
+    async def refresh(self) -> None:
+        """Before a batch's checks: brings the answers up to every decision committed
+        before this call (a no-op without a feed). Concurrent callers share a read that
+        started after they called, so a burst of batches costs one round trip, not one
+        each. Fails closed: when the store cannot be read the batch is refused
+        (UNAVAILABLE, retryable) rather than checked against stale decisions."""
+        if self._feed is None:
+            return
+        called = time.monotonic()
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            if self._last_refresh_started > called:
+                return  # a refresh that began after this call has just finished
+            self._last_refresh_started = time.monotonic()
+            try:
+                await asyncio.to_thread(self.catch_up)
+            except Exception as exc:
+                self._last_refresh_started = 0.0
+                raise dependency_unavailable(
+                    "consent decisions could not be read from the metadata store; retry"
+                ) from exc
 
     def record(
         self,

@@ -1,14 +1,23 @@
 """Erasure of a subject (user id or anonymous id) within one tenant, with a certificate.
 
-What is built (the embedded shape): the subject's rows are deleted from the event store,
-its actor id is unlinked, its quarantined events and consent history are deleted, and the
-request keeps a certificate saying what was erased where and when. Requests are
-idempotent on the client's `request_id`; a retry of a request that failed or was cut
-short runs the erasure again (every step is safe to repeat).
+The subject's rows are deleted from the event store, its actor id is unlinked, its
+quarantined events and consent history are deleted, and the request keeps a certificate
+saying what was erased where and when. Requests are idempotent on the client's
+`request_id`; a retry of a request that failed or was cut short runs the erasure again
+(every step is safe to repeat).
 
-What is not built: crypto-shredding (per-subject keys encrypting PII at ingestion), so
-copies outside the embedded stores (a Kafka topic, a Pinot table) are not reached; the
-certificate says so in a line of its own rather than claiming them (docs/compliance.md).
+Copies outside the embedded stores (the Kafka topic, the Pinot table fed from it):
+
+- with crypto-shredding (`keys` given: `BILTEN_EVENT_LOG=kafka` and
+  `BILTEN_CRYPTO_SHREDDING=true`), the subject's key is destroyed FIRST
+  (services/compliance/subject_keys.py). Every event sealed with it since the key store
+  was created carries its ids, IP hash, user agent and personal properties only as
+  ciphertext under that key (services/compliance/pii_cipher.py), so those copies are
+  undecipherable from that moment; a processor re-reading the topic stores them
+  anonymised. Records produced before the key store existed were never sealed: the
+  certificate names them NOT ERASED (until topic / table retention drops them);
+- without it, the certificate says NOT ERASED for each such copy rather than claiming it
+  (docs/compliance.md).
 """
 
 from __future__ import annotations
@@ -49,6 +58,14 @@ class SubjectRows(Protocol):
     def erase_subject(self, tenant_id: str, subject_id: str) -> tuple[int, int]: ...
 
 
+class SubjectKeys(Protocol):
+    """What erasure needs of `SubjectKeyStore`."""
+
+    def destroy(self, tenant_id: str, subject_id: str) -> bool: ...
+    def destroyed_at(self, tenant_id: str, subject_id: str) -> datetime | None: ...
+    def sealing_since(self) -> datetime: ...
+
+
 class ErasureService:
     def __init__(
         self,
@@ -58,6 +75,7 @@ class ErasureService:
         copies_elsewhere: Sequence[str] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         after_erase: Callable[[str], None] = lambda tenant_id: None,
+        keys: SubjectKeys | None = None,
     ) -> None:
         self._store = store
         self._rows = rows
@@ -69,6 +87,8 @@ class ErasureService:
         # Drops cached query results of the tenant: a cached answer computed before the
         # erasure would otherwise still show the subject's rows.
         self._after_erase = after_erase
+        # Crypto-shredding: the subject keys sealing the copies in `copies_elsewhere`.
+        self._keys = keys
 
     def create(self, tenant_id: str, request_id: str, subject_id: str) -> ErasureRecord:
         """Accepts the request and runs it; a retry with the same `request_id` returns
@@ -103,6 +123,13 @@ class ErasureService:
         tenant_id, subject_id = record.tenant_id, record.subject_id
         self._store.update_erasure(record.erasure_request_id, "IN_PROGRESS")
         try:
+            had_key, earlier = False, None
+            if self._keys is not None:
+                # A retry finds the key already destroyed by its first run.
+                earlier = self._keys.destroyed_at(tenant_id, subject_id)
+                # First: from here on no copy sealed with the key can be opened, and no
+                # processor batch opened before is still uncommitted (leases).
+                had_key = self._keys.destroy(tenant_id, subject_id)
             rows, actors = self._rows.erase_subject(tenant_id, subject_id)
             quarantined = self._store.quarantined_ids_mentioning(tenant_id, json.dumps(subject_id))
             removed_quarantine = self._store.delete_quarantined(tenant_id, quarantined)
@@ -130,7 +157,37 @@ class ErasureService:
             f"{when} query result cache: the tenant's entries dropped",
             f"{when} exports: none kept by the platform",
             f"{when} audit log: keeps only a pseudonymous hash of the subject id",
-            *(f"{when} NOT ERASED: {where} (crypto-shredding not built)" for where in
-              self._copies_elsewhere),
+            *self._elsewhere_lines(when, had_key, earlier),
         ]  # fmt: skip
         self._store.update_erasure(record.erasure_request_id, "DONE", finished, lines)
+
+    def _elsewhere_lines(self, when: str, had_key: bool, earlier: datetime | None) -> list[str]:
+        if self._keys is None:
+            return [
+                f"{when} NOT ERASED: {where} (crypto-shredding is off)"
+                for where in self._copies_elsewhere
+            ]
+        since = self._keys.sealing_since().strftime("%Y-%m-%dT%H:%M:%SZ")
+        if had_key:
+            state = "destroyed"
+        elif earlier is not None:
+            state = f"already destroyed at {earlier.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        else:
+            state = "did not exist (no event of the subject was sealed)"
+        lines = [
+            f"{when} subject key store: the subject's data key {state}; the destruction"
+            " time is recorded, so events received before it never get a key"
+        ]
+        for where in self._copies_elsewhere:
+            if had_key or earlier is not None:
+                lines.append(
+                    f"{when} {where}: the subject's events sealed since {since} are"
+                    " undecipherable (ids, IP hash, user agent, personal properties were"
+                    " sealed with the destroyed key); other columns and a pseudonymous"
+                    " token, linked to no id, remain"
+                )
+            lines.append(
+                f"{when} NOT ERASED: {where}, records produced before {since} (before"
+                " crypto-shredding), if any, until retention drops them"
+            )
+        return lines

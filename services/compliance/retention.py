@@ -2,23 +2,29 @@
 
 Defaults (ARCHITECTURE.md): raw 7 days, minute rollups 30 days, hour rollups 1 year, day
 rollups 5 years. Enforcement here deletes raw events older than the tenant's `raw_days`
-from the event store; the rollup tiers' values are stored and served for the rollup
-store to apply (services/query/rollups.py prunes its tiers itself; wiring it to these
-per-tenant values is open, docs/compliance.md). `dry_run` counts what would go without
-deleting anything.
+from the event store; the rollup tiers are pruned by the aggregation runtime with the
+same per-tenant policies (services/query/rollups.py). `dry_run` counts what would go
+without deleting anything. `RetentionJob` runs the enforcement on a schedule inside the
+server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import pyarrow as pa
+import structlog
 
+from services.platform.audit import AuditEvent, AuditSink
 from services.storage.event_store import TABLE
 from services.storage.metadata_store import RetentionDays
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_POLICY = RetentionDays()
 
@@ -82,3 +88,86 @@ class RetentionPolicies:
                 count = rows.delete_occurred_before(tenant_id, cutoff)
             runs.append(RetentionRun(tenant_id, cutoff, count, dry_run))
         return runs
+
+
+class RetentionJob:
+    """Enforces every tenant's raw retention on this process's event store, on a schedule.
+
+    Runs in each process that writes an event store (the embedded `up`, and every stream
+    processor host in the Kafka shape, each of which holds its own copy), because DuckDB
+    lets only the owning process open the file: `bilten-analytics retention enforce` is
+    for a stopped server. The tenants are those with rows in the store, not those in the
+    metadata, since rows are what retention is about and a processor host's metadata
+    need not know every tenant. Rollup tiers are pruned by the aggregation runtime with
+    the same per-tenant policies. Each run of a tenant with rows to delete is audited.
+    """
+
+    AUDIT_ACTOR = "retention-job"
+
+    def __init__(
+        self,
+        policies: RetentionPolicies,
+        rows: RawRows,
+        audit: AuditSink,
+        interval: timedelta,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._policies = policies
+        self._rows = rows
+        self._audit = audit
+        self._interval = interval
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0
+
+    def tenants_with_rows(self) -> list[str]:
+        table = self._rows.read(f"SELECT DISTINCT tenant_id FROM {TABLE} ORDER BY tenant_id")
+        return [str(x) for x in table.column(0).to_pylist()]
+
+    async def run_once(self) -> list[RetentionRun]:
+        now = self._clock()
+
+        def enforce() -> list[RetentionRun]:
+            return self._policies.enforce(self._rows, self.tenants_with_rows(), now, False)
+
+        runs = await asyncio.to_thread(enforce)
+        for run in runs:
+            if run.raw_rows:
+                await self._audit.record(
+                    AuditEvent(
+                        run.tenant_id,
+                        self.AUDIT_ACTOR,
+                        "retention.enforce",
+                        f"raw_rows={run.raw_rows} before={run.cutoff.isoformat()}",
+                        "local",
+                        "OK",
+                        self._clock(),
+                    )
+                )
+        self.runs += 1
+        deleted = sum(run.raw_rows for run in runs)
+        log.info("retention_enforced", tenants=len(runs), raw_rows=deleted)
+        return runs
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        # A first run at start: a process that was down for a while catches up at once.
+        while True:
+            try:
+                await self.run_once()
+            except Exception:  # a failed run must not end the schedule
+                log.exception("retention_enforce_failed")
+            await asyncio.sleep(self._interval.total_seconds())
+
+    async def aclose(self) -> None:
+        """Cancels the schedule; a run in progress finishes its current tenant's delete
+        (it runs in a thread) before the stores close, since the mesh awaits this first."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None

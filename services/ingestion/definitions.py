@@ -5,6 +5,11 @@ under tenant `_platform`). A custom event's properties must be a valid record of
 latest version, or of the version the event names. Lookups go through confluent-kafka's
 own `SchemaRegistryClient`, so the platform uses its registry exactly as any client does,
 and are cached briefly: a new version is picked up within `ttl_seconds`.
+
+Personal properties: a field of the definition's Avro record with the custom attribute
+`"personal": true` (Avro keeps unknown attributes) holds personal data. With
+crypto-shredding on, such properties are sealed with the subject's key on Kafka
+(services/streaming/pii.py, docs/compliance.md); unmarked properties stay in clear.
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ class EventDefinition:
     schema_id: int
     parsed_schema: Any  # fastavro's parsed form
     field_defaults: dict[str, Any]
+    personal_fields: frozenset[str] = frozenset()
+
+
+def personal_fields_of(raw_schema: Any) -> frozenset[str]:
+    """Names of the record fields marked `"personal": true` in a definition's schema JSON."""
+    if not isinstance(raw_schema, dict):
+        return frozenset()
+    return frozenset(
+        f["name"]
+        for f in raw_schema.get("fields", [])
+        if isinstance(f, dict) and f.get("personal") is True and isinstance(f.get("name"), str)
+    )
 
 
 class EventDefinitions(Protocol):
@@ -137,5 +154,6 @@ class RegistryEventDefinitions:
                 registered.schema_id or 0,
                 parsed,
                 defaults,
+                personal_fields_of(raw),
             )
         return None

@@ -23,13 +23,22 @@ from services.events.model import EventSource, TrackedEvent, TrackedEventType
 from services.ingestion.dedup import DedupWindow
 from services.ingestion.definitions import EventDefinition, EventDefinitions, check_properties
 from services.ingestion.enrichment import Enricher
-from services.ingestion.rate_limit import TokenBucketLimiter
+from services.ingestion.rate_limit import RateLimiter
 from services.platform.errors import FieldViolation, rate_limited
 from services.storage.metadata_store import QuarantineEntry
 
 MAX_EVENT_BYTES = 32 * 1024
 MAX_PROPERTIES_BYTES = 16 * 1024
 MAX_PROPERTY_KEYS = 200
+# Revenue as the stores hold it: DECIMAL(18,6) in DuckDB (services/storage/event_store.py),
+# micro-units below 10^18 in the Kafka envelope and Pinot. A value they cannot hold would
+# fail the whole batch's append (or land in the dead-letter topic), so it is refused here,
+# per event, instead of rounded: revenue is money.
+REVENUE_DECIMAL_PLACES = 6
+MAX_REVENUE = Decimal(10) ** (18 - REVENUE_DECIMAL_PLACES) - Decimal(1).scaleb(
+    -REVENUE_DECIMAL_PLACES
+)
+_REVENUE_QUANTUM = Decimal(1).scaleb(-REVENUE_DECIMAL_PLACES)
 
 
 class IngestStatus(enum.Enum):
@@ -108,6 +117,11 @@ class ConsentCheck(Protocol):
 
     def allows_analytics(self, tenant_id: str, user_id: str, anonymous_id: str) -> bool: ...
 
+    async def refresh(self) -> None:
+        """Awaited once per batch before the checks: catches up with decisions recorded by
+        other processes (a shared metadata store), so a withdrawal applies to every batch
+        that arrives after it was recorded."""
+
 
 @dataclass(frozen=True)
 class PipelineLimits:
@@ -130,7 +144,7 @@ class IngestionPipeline:
         limits: PipelineLimits,
         enricher: Enricher,
         dedup: DedupWindow,
-        rate_limiter: TokenBucketLimiter,
+        rate_limiter: RateLimiter,
         event_log: EventLog,
         quarantine: QuarantineSink,
         definitions: EventDefinitions | None = None,
@@ -166,10 +180,14 @@ class IngestionPipeline:
         or the event log cannot take the batch.
         """
         now = self._clock()
-        wait = self._rate_limiter.try_take(rate_limit_key, len(events), now)
+        # Awaited: the limiter may be the Redis one shared by the replicas; it answers
+        # from its in-process bucket when Redis fails (services/ingestion/rate_limit.py).
+        wait = await self._rate_limiter.acquire(rate_limit_key, len(events), now)
         if wait > 0:
             raise rate_limited(wait)
         received_at = datetime.fromtimestamp(now, UTC)
+        if self._consent is not None:
+            await self._consent.refresh()
         violations = item_violations or {}
         definitions = await self._resolve_definitions(tenant_id, events, implied_type)
         outcomes: list[IngestOutcome | None] = [None] * len(events)
@@ -327,6 +345,21 @@ class IngestionPipeline:
                     RejectionReason.BUSINESS_RULE,
                     f"{path}.ticketing.revenue",
                     "revenue must not be negative",
+                )
+            # Money is units + nanos: too large a value is in `units`, digits past the
+            # sixth decimal place are in `nanos`.
+            if revenue > MAX_REVENUE:
+                raise _Rejected(
+                    RejectionReason.INVALID_FIELD,
+                    f"{path}.ticketing.revenue.units",
+                    f"revenue must be at most {MAX_REVENUE}",
+                )
+            if revenue != revenue.quantize(_REVENUE_QUANTUM):
+                raise _Rejected(
+                    RejectionReason.INVALID_FIELD,
+                    f"{path}.ticketing.revenue.nanos",
+                    f"revenue has more than {REVENUE_DECIMAL_PLACES} decimal places "
+                    "(nanos must be a multiple of 1000)",
                 )
             if len(incoming.currency) != 3 or not incoming.currency.isupper():
                 raise _Rejected(

@@ -7,9 +7,12 @@ metrics), plus columns Pinot derives at ingestion (`transformConfigs`, built-in 
 functions):
 
 - `actor_key`: `<tenant_id>|u:<user_id>`, else `<tenant_id>|a:<anonymous_id>`, else
-  `<tenant_id>|a:` — who did it, tenant-scoped so distinct counts across tenants add up;
-- `no_actor`: 1 for events with neither id (they count as events, not as users: queries
-  subtract `MAX(no_actor)` from the HLL count of `actor_key`);
+  `<tenant_id>|t:<subject_token>` — who did it, tenant-scoped so distinct counts across
+  tenants add up. With crypto-shredding the ids are sealed (empty in clear) and the
+  pseudonymous `subject_token` (one per subject key, docs/compliance.md) stands in for
+  them, so distinct-user counts stay the same, and stay right after an erasure;
+- `no_actor`: 1 for events with no id and no token (they count as events, not as users:
+  queries subtract `MAX(no_actor)` from the HLL count of `actor_key`);
 - `order_key`: `order_id`, or the event id when there is none (such a conversion is an
   order of its own), so orders are one `DISTINCTCOUNT(order_key)`;
 - `occurred_hour` / `occurred_day`: whole UTC hours / days since the epoch, dimensions of
@@ -51,10 +54,17 @@ _ACTOR = (
     "regexpReplace(concat('u:', user_id, ''), '^u:\\z', "
     "concat('a:', replace(replace(anonymous_id, '\\', '\\\\'), '$', '\\$'), ''))"
 )
+# Neither id (sealed by crypto-shredding, or absent): the subject token, which is hex,
+# so it needs no escaping as a replacement string.
+_ACTOR_OR_TOKEN = f"regexpReplace({_ACTOR}, '^a:\\z', concat('t:', subject_token, ''))"
 DERIVED_COLUMNS: Final[dict[str, tuple[str, str]]] = {
     # name: (Pinot data type, transform function)
-    "actor_key": ("STRING", f"concat(tenant_id, {_ACTOR}, '|')"),
-    "no_actor": ("INT", "plus(1, times(-1, least(length(concat(user_id, anonymous_id, '')), 1)))"),
+    "actor_key": ("STRING", f"concat(tenant_id, {_ACTOR_OR_TOKEN}, '|')"),
+    "no_actor": (
+        "INT",
+        "plus(1, times(-1, least(length("
+        "concat(user_id, concat(anonymous_id, subject_token, ''), '')), 1)))",
+    ),
     "order_key": (
         "STRING",
         "regexpReplace(concat('o:', order_id, ''), '^o:\\z', concat('e:', event_id, ''))",
@@ -80,7 +90,19 @@ STAR_TREE_FUNCTIONS: Final = (
     "DISTINCT_COUNT_HLL__actor_key",
 )
 # Per-event text that is never grouped on: raw (no dictionary) saves memory and time.
-NO_DICTIONARY: Final = ("event_id", "properties_json", "page_url", "page_title", "referrer")
+# The sealed PII (ciphertext, crypto-shredding) is never filtered or grouped on either.
+NO_DICTIONARY: Final = (
+    "event_id",
+    "properties_json",
+    "page_url",
+    "page_title",
+    "referrer",
+    "pii_user_id",
+    "pii_anonymous_id",
+    "pii_ip_hash",
+    "pii_user_agent",
+    "pii_properties",
+)
 
 
 @dataclass(frozen=True)

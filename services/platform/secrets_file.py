@@ -15,7 +15,7 @@ from pathlib import Path
 from services.platform.settings import PlatformSettings
 
 SECRETS_FILE = "secrets.json"
-_KEYS = ("jwt_secret", "api_key_pepper", "ip_hash_key")
+_KEYS = ("jwt_secret", "api_key_pepper", "ip_hash_key", "subject_key_encryption_key")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Secrets:
     jwt_secret: str = field(repr=False)
     api_key_pepper: str = field(repr=False)
     ip_hash_key: str = field(repr=False)
+    subject_key_encryption_key: str = field(repr=False)
 
 
 def load_secrets(settings: PlatformSettings) -> Secrets:

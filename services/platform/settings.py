@@ -40,9 +40,29 @@ class LiveAlertRule(BaseModel):
 class PlatformSettings(BaseSettings):
     """Settings shared by every gRPC service process (`BILTEN_…`)."""
 
-    model_config = SettingsConfigDict(env_prefix="BILTEN_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value may be a URL with a password (metadata store,
+    # Redis), and the start-up error is printed; the message still names the field.
+    model_config = SettingsConfigDict(
+        env_prefix="BILTEN_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(Path(".bilten"), description="Where the embedded stores live.")
+    metadata_store_url: str = Field(
+        "",
+        description="Where tenants, API keys, consent, the audit log and the other metadata "
+        "live: empty is SQLite in <data_dir> (one process); postgresql://user:pw@host/db "
+        "is one database every service process shares (the cluster shape).",
+        repr=False,  # carries the database password
+    )
+
+    @field_validator("metadata_store_url")
+    @classmethod
+    def _metadata_store_url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            # Not the value itself in the message: it may carry a password.
+            raise ValueError("metadata_store_url must be empty or start with postgresql://")
+        return value
+
     grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int = Field(8080, ge=0, le=65535, description="Envoy REST gateway port.")
@@ -134,6 +154,25 @@ class PlatformSettings(BaseSettings):
     pinot_query_timeout_ms: int = Field(
         10_000, ge=100, le=300_000, description="Per-query timeout sent to the Pinot broker."
     )
+    query_backend: Literal["embedded", "pinot"] = Field(
+        "embedded",
+        description="Where the metric reads of the query and aggregation services are "
+        "answered: the embedded store, or Pinot (needs event_log=kafka; funnels, cohorts and "
+        "the other analyses stay on the embedded store, docs/streaming.md).",
+    )
+
+    @field_validator("query_backend")
+    @classmethod
+    def _pinot_reads_the_kafka_topic(cls, value: str, info: ValidationInfo) -> str:
+        # Pinot only sees events through the Kafka topic: with the embedded log it would
+        # answer every metric with zero.
+        if value == "pinot" and info.data.get("event_log") != "kafka":
+            raise ValueError(
+                "query_backend=pinot needs event_log=kafka (Pinot ingests the Kafka topic); "
+                "set BILTEN_EVENT_LOG=kafka or BILTEN_QUERY_BACKEND=embedded"
+            )
+        return value
+
     pinot_kafka_bootstrap_servers: str = Field(
         "", description="Kafka as Pinot servers reach it; empty means kafka_bootstrap_servers."
     )
@@ -158,6 +197,19 @@ class PlatformSettings(BaseSettings):
     ip_hash_key: str = Field(
         "", description="Key of the IP hash; empty means <data_dir>/secrets.json.", repr=False
     )
+    subject_key_encryption_key: str = Field(
+        "",
+        description="Secret the per-subject PII keys are wrapped with (crypto-shredding, "
+        "docs/compliance.md); empty means <data_dir>/secrets.json.",
+        repr=False,
+    )
+    crypto_shredding: bool = Field(
+        False,
+        description="With event_log=kafka: encrypt the PII fields of every event per subject "
+        "before Kafka, so an erasure (which destroys the subject's key) makes the topic's and "
+        "Pinot's copies undecipherable. Ingestion, processor and compliance must share the "
+        "data dir's key store (subject_keys.sqlite3).",
+    )
     dedup_window_seconds: int = Field(
         86_400, ge=0, le=30 * 86_400, description="Dedup window on event_id (default 24 h)."
     )
@@ -173,6 +225,25 @@ class PlatformSettings(BaseSettings):
     rate_limit_burst_events: int = Field(
         200_000, gt=0, description="Token bucket size per API key (events)."
     )
+    redis_url: str = Field(
+        "",
+        description="Redis holding the ingestion rate limit, shared by every replica "
+        "(redis://host:6379/0; rediss:// for TLS). Empty: each process keeps its own "
+        "buckets, so N replicas admit N times the rate. When Redis fails, ingestion falls "
+        "back to its own buckets (services/ingestion/rate_limit.py).",
+        repr=False,  # may carry a password
+    )
+    redis_password: str = Field(
+        "", description="Password of that Redis, unless the URL carries one.", repr=False
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
     max_pending_events: int = Field(
         200_000, gt=0, description="Events waiting for a commit before back-pressure."
     )
@@ -250,6 +321,13 @@ class PlatformSettings(BaseSettings):
     )
     rollup_day_retention_days: int = Field(
         1826, ge=1, le=36600, description="How long day rollups are kept (5 years)."
+    )
+    retention_enforce_interval_seconds: float = Field(
+        3600.0,
+        ge=0,
+        le=7 * 86_400,
+        description="How often the server deletes raw events past each tenant's retention "
+        "(a run also happens at start); 0 turns the scheduled job off.",
     )
     rollup_flush_seconds: float = Field(
         2.0,

@@ -28,20 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import xgboost as xgb
-from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
-from sklearn.metrics import (  # type: ignore[import-untyped]
-    average_precision_score,
-    brier_score_loss,
-    log_loss,
-    roc_auc_score,
-)
-from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
-from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 
 from services.prediction import drift
 from services.prediction.errors import insufficient_data
@@ -55,6 +45,12 @@ from services.prediction.features import (
     data_span,
 )
 from services.storage.event_store import EventStore
+
+# XGBoost and scikit-learn are imported where a model is trained, loaded or scored, not
+# here: `services.mesh` imports this module in every process (ingestion-only ones too),
+# and the two cost ~8 s of CPU to import (scikit-learn pulls scipy and pandas).
+if TYPE_CHECKING:
+    import xgboost as xgb
 
 Floats = npt.NDArray[np.float32]
 # XGBoost threads. Default: every core. The test suite sets 1, because its two xdist
@@ -124,6 +120,8 @@ class ChurnModel:
 
     @classmethod
     def load(cls, directory: Path) -> ChurnModel:
+        import xgboost as xgb
+
         booster = xgb.Booster()
         booster.load_model(str(directory / "model.ubj"))
         booster.set_param({"nthread": THREADS})
@@ -142,6 +140,8 @@ class ChurnModel:
 
     def contributions(self, matrix: Floats, chunk: int = 20_000) -> Floats:
         """SHAP values in log-odds, one column per feature plus the bias last."""
+        import xgboost as xgb
+
         parts = [
             np.asarray(
                 self.booster.predict(
@@ -186,6 +186,13 @@ def expected_calibration_error(
 def _scores(
     prefix: str, labels: npt.NDArray[Any], scores: Floats, probabilistic: bool
 ) -> dict[str, float]:
+    from sklearn.metrics import (  # type: ignore[import-untyped]
+        average_precision_score,
+        brier_score_loss,
+        log_loss,
+        roc_auc_score,
+    )
+
     out = {
         f"{prefix}roc_auc": float(roc_auc_score(labels, scores)),
         f"{prefix}pr_auc": float(average_precision_score(labels, scores)),
@@ -211,6 +218,11 @@ def fit_and_evaluate(
 ) -> tuple[ChurnModel, Evaluation]:
     """Fits XGBoost (early stopping on a slice of the training snapshot), then scores it
     and the baselines on the evaluation snapshot."""
+    import xgboost as xgb
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+    from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
+    from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
+
     rng = np.random.default_rng(seed)
     validation = rng.random(len(train_x)) < 0.15
     progress(0.35, "fitting xgboost")

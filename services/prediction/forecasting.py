@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-import xgboost as xgb
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 Series = npt.NDArray[np.float64]
@@ -151,6 +150,10 @@ def _gbm_row(history: list[float], t: int, spec: SeriesSpec, lags: list[int]) ->
 
 
 def gbm_lags(y: Series, horizon: int, spec: SeriesSpec) -> Series:
+    # Imported here, like statsmodels above: every process imports this module through
+    # `services.mesh`, and only the prediction service ever fits a model (~8 s of CPU).
+    import xgboost as xgb
+
     lags = _lags(spec)
     first = max(lags)
     if len(y) <= first + 10:

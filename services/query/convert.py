@@ -12,7 +12,7 @@ from bilten.analytics.type.v1 import metric_pb2, time_range_pb2, tracked_event_p
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.type import money_pb2
 
-from services.events.model import TrackedEventType
+from services.events.model import EventSource, TrackedEventType
 from services.platform.auth import Principal
 from services.platform.errors import FieldViolation, invalid_request, tenant_mismatch
 from services.query import (
@@ -42,6 +42,44 @@ _EVENT_TYPES = {
     tracked_event_pb2.TRACKED_EVENT_TYPE_CUSTOM: TrackedEventType.CUSTOM,
 }
 EVENT_TYPE_NAMES = {v: tracked_event_pb2.TrackedEventType.Name(k) for k, v in _EVENT_TYPES.items()}
+# Stored `source` values -> their proto enum names (as event types are shown).
+SOURCE_NAMES = {
+    EventSource.WEB.value: tracked_event_pb2.EventSource.Name(tracked_event_pb2.EVENT_SOURCE_WEB),
+    EventSource.MOBILE.value: tracked_event_pb2.EventSource.Name(
+        tracked_event_pb2.EVENT_SOURCE_MOBILE
+    ),
+    EventSource.SERVER.value: tracked_event_pb2.EventSource.Name(
+        tracked_event_pb2.EVENT_SOURCE_SERVER
+    ),
+    EventSource.API.value: tracked_event_pb2.EventSource.Name(tracked_event_pb2.EVENT_SOURCE_API),
+}
+# GetMetrics group_by -> the column it groups by, which is also the point's dimension key.
+GROUP_BY_COLUMNS = {
+    query_pb.DIMENSION_EVENT_NAME: "event_name",
+    query_pb.DIMENSION_EVENT_TYPE: "event_type",
+    query_pb.DIMENSION_COUNTRY: "country_code",
+    query_pb.DIMENSION_TICKETED_EVENT: "ticketed_event_id",
+    query_pb.DIMENSION_SOURCE: "source",
+}
+
+
+def group_by(values: Sequence[int]) -> tuple[str, ...]:
+    """The columns to group by, in request order; a repeated dimension counts once."""
+    columns = [GROUP_BY_COLUMNS.get(query_pb.Dimension.ValueType(v)) for v in values]
+    if None in columns:  # the edge's validation refuses these first
+        raise invalid_request([FieldViolation("group_by", "an unknown dimension")])
+    return tuple(dict.fromkeys(c for c in columns if c is not None))
+
+
+def dimension_value(column: str, value: str) -> str:
+    """A grouped value as GetMetrics shows it: enums by their proto names."""
+    if column == "event_type":
+        return EVENT_TYPE_NAMES[TrackedEventType(value)]
+    if column == "source":
+        return SOURCE_NAMES.get(value, value)
+    return value
+
+
 # Bucket limit per request: keeps a minute-granularity year from building 500k rows.
 MAX_BUCKETS = 10_000
 

@@ -42,7 +42,7 @@ never from ICU calendar functions, which are 20-50x slower on `TIMESTAMPTZ`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -123,6 +123,18 @@ class EventCountRow:
     bucket_start: datetime
     event_name: str
     event_type: TrackedEventType
+    events: int
+
+
+# Columns event counts can be grouped by (`grouped_event_counts`), as GetMetrics names
+# them in a point's dimensions.
+GROUPABLE = ("event_name", "event_type", "country_code", "ticketed_event_id", "source")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupedEventCount:
+    bucket_start: datetime
+    values: tuple[str, ...]  # one per grouped dimension, in the order asked
     events: int
 
 
@@ -398,6 +410,62 @@ def event_counts(
             row["event_name"],
             TrackedEventType(row["event_type"]),
             row["events"],
+        )
+        for row in store.read(sql, query.params).to_pylist()
+    )
+
+
+def check_groupable(dimensions: Sequence[str]) -> None:
+    """Refuses anything but `GROUPABLE` names: they become column names in the SQL."""
+    unknown = [d for d in dimensions if d not in GROUPABLE]
+    if unknown:
+        raise ValueError(f"cannot group by {', '.join(unknown)}; one of {', '.join(GROUPABLE)}")
+    if len(set(dimensions)) != len(dimensions):
+        raise ValueError("a dimension is named twice")
+
+
+def regroup_event_counts(
+    rows: Iterable[EventCountRow], dimensions: Sequence[str]
+) -> tuple[GroupedEventCount, ...]:
+    """`event_counts` rows (per bucket, event name and type) added up by `dimensions`,
+    which must be among event_name and event_type: the same answer as
+    `grouped_event_counts`, from any `MetricBackend` (Pinot too)."""
+    check_groupable(dimensions)
+    if not set(dimensions) <= {"event_name", "event_type"}:
+        raise ValueError("event_counts rows only carry event_name and event_type")
+    sums: dict[tuple[datetime, tuple[str, ...]], int] = {}
+    for row in rows:
+        values = {"event_name": row.event_name, "event_type": row.event_type.value}
+        key = (row.bucket_start, tuple(values[d] for d in dimensions))
+        sums[key] = sums.get(key, 0) + row.events
+    return tuple(GroupedEventCount(b, v, n) for (b, v), n in sorted(sums.items()))
+
+
+def grouped_event_counts(
+    store: EventStore,
+    scope: Scope,
+    time_range: TimeRange,
+    granularity: Granularity,
+    dimensions: Sequence[str] = (),
+    filters: MetricFilters = NO_FILTERS,
+) -> tuple[GroupedEventCount, ...]:
+    """Events per bucket and combination of the `dimensions`' values, ordered by bucket
+    then values; only combinations that occur. No dimensions: one row per bucket with
+    events. A value is the column as stored ("" when unknown, e.g. no country)."""
+    check_groupable(dimensions)
+    bucket_starts(time_range, granularity)  # refuses absurd bucket counts early
+    query = _Query()
+    where = query.where(scope, time_range.start, time_range.end, filters)
+    columns = "".join(f", {d}" for d in dimensions)
+    sql = (
+        f"SELECT {_bucket_key_sql(granularity)} AS bucket{columns}, count(*) AS events"
+        f" FROM {TABLE} WHERE {where} GROUP BY ALL ORDER BY ALL"
+    )
+    return tuple(
+        GroupedEventCount(
+            _bucket_start(row["bucket"], granularity),
+            tuple(str(row[d]) for d in dimensions),
+            int(row["events"]),
         )
         for row in store.read(sql, query.params).to_pylist()
     )

@@ -378,12 +378,21 @@ class ReportScheduler:
         self.clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Set by `stop`: the loop ends after the pass in progress, and that pass after
+        # the report in progress (read from the worker thread; a bool is safe to share).
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def run_due(self) -> int:
         """Runs every report due now, once each; returns how many ran."""
         ran = 0
         now = self.clock()
         for report in self.reports.due(now):
+            if self._stopping:
+                break  # the rest stay due: the next server to run takes them
             claimed_until = self.reports.claim(report, now)
             if claimed_until is None:
                 continue  # another scheduler runs it
@@ -404,7 +413,7 @@ class ReportScheduler:
         self._wake.set()
 
     async def run_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.to_thread(self.run_due)
             except (RuntimeError, sqlite3.ProgrammingError) as error:
@@ -415,21 +424,35 @@ class ReportScheduler:
                 log.exception("report scheduler pass failed")
             except Exception:
                 log.exception("report scheduler pass failed")
+            if self._stopping:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_seconds)
             self._wake.clear()
 
     def start(self) -> None:
         """Starts `run_forever` on the running loop (idempotent)."""
-        if self._task is None or self._task.done():
+        if not self.running:
+            self._stopping = False
             self._wake = asyncio.Event()  # bound to the loop it is awaited on
             self._task = asyncio.get_running_loop().create_task(
                 self.run_forever(), name="report-scheduler"
             )
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Ends the task; idempotent. A pass in progress finishes its current report
+        first (up to `grace_seconds`): cancelling the task alone would not stop the
+        worker thread, which would then write runs into a store being closed. Past the
+        grace the task is cancelled and a late run is lost, never half-written (each
+        run is one SQLite transaction)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace_seconds)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task

@@ -46,6 +46,11 @@ aligned to, else the finest that still holds the range start; a range edge insid
 tier bucket is widened to the bucket (documented in docs/live.md: older data has the
 resolution of its tier). A granularity finer than the tier that holds the data is
 refused (`RollupRangeError`): minute buckets of last year no longer exist.
+
+Per-tenant retention (`TenantRetention`): compliance stores a tenant's own policy; the
+reader plans with it (the strictest of all policies for an all-tenant read), `prune`
+drops each tenant's buckets by its own policy, and `rebuild` leaves alone the days a
+tenant's shorter raw window no longer holds.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ import pyarrow.compute as pc
 
 from services.events.model import TrackedEvent, TrackedEventType
 from services.query.metrics import (
+    GROUPABLE,
     NO_FILTERS,
     ActiveUsers,
     ActiveUsersRow,
@@ -76,11 +82,13 @@ from services.query.metrics import (
     EventCountRow,
     GeoRow,
     Granularity,
+    GroupedEventCount,
     MetricFilters,
     RevenueRow,
     Scope,
     TimeRange,
     bucket_starts,
+    check_groupable,
 )
 from services.storage.event_store import TABLE, EventStore
 
@@ -138,6 +146,57 @@ class RetentionPolicy:
 
 class RollupRangeError(ValueError):
     """The range cannot be answered at the requested granularity from the kept tiers."""
+
+
+class RollupDimensionError(RollupRangeError):
+    """The range must be read from a tier, and the tiers do not keep a dimension asked
+    for (e.g. `source`): raw events, which do, no longer cover the range."""
+
+
+def strictest(policies: Iterable[RetentionPolicy]) -> RetentionPolicy:
+    """The tier-wise shortest retention: what every one of the policies still holds.
+    (Each is ordered raw <= minute <= hour <= day, so the minimums are too.)"""
+    chosen = list(policies)
+    return RetentionPolicy(
+        raw_days=min(p.raw_days for p in chosen),
+        minute_days=min(p.minute_days for p in chosen),
+        hour_days=min(p.hour_days for p in chosen),
+        day_days=min(p.day_days for p in chosen),
+    )
+
+
+def _no_own_policy(tenant_id: str) -> RetentionPolicy | None:
+    return None
+
+
+def _no_own_policies() -> Mapping[str, RetentionPolicy]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRetention:
+    """The platform's default retention plus the tenants' own policies (compliance
+    stores them per tenant in the metadata store; docs/compliance.md).
+
+    `lookup(tenant)` is the tenant's own policy or None; `listing()` every tenant that
+    has one. Both are read at each use, not cached: a policy changed through the
+    compliance API applies to the next read and the next prune.
+
+    Reads plan with `policy_for(scope)`: a tenant's own policy, else the default; across
+    all tenants the strictest of all of them, because a cross-tenant answer is only
+    exact where every tenant's raw events (or tier) still hold the range.
+    """
+
+    default: RetentionPolicy = RetentionPolicy()
+    lookup: Callable[[str], RetentionPolicy | None] = _no_own_policy
+    listing: Callable[[], Mapping[str, RetentionPolicy]] = _no_own_policies
+
+    def policy_for(self, tenant_id: str | None) -> RetentionPolicy:
+        if tenant_id is not None:
+            return self.lookup(tenant_id) or self.default
+        return strictest([self.default, *self.listing().values()])
+
+    __call__ = policy_for
 
 
 def _us(moment: datetime) -> int:
@@ -405,12 +464,14 @@ class RollupMaintainer:
         self,
         events: EventStore,
         store: RollupStore,
-        policy: RetentionPolicy,
+        policy: RetentionPolicy | TenantRetention,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        """`policy`: one policy for every tenant, or the default plus tenants' own."""
         self.events = events
         self.store = store
-        self.policy = policy
+        self.retention = policy if isinstance(policy, TenantRetention) else TenantRetention(policy)
+        self.policy = self.retention.default
         self._clock = clock
         self._dirty_lock = threading.Lock()
         self._dirty: dict[str, set[int]] = defaultdict(set)
@@ -492,20 +553,26 @@ class RollupMaintainer:
             )
 
     def _roll_up(
-        self, cursor: duckdb.DuckDBPyConnection, tenant_id: str | None, hours: set[int]
+        self,
+        cursor: duckdb.DuckDBPyConnection,
+        tenant_id: str | None,
+        hours: set[int],
+        tenants: _Tenants | None = None,
     ) -> None:
-        """Hours from minutes, then days from hours, for the given hour buckets."""
+        """Hours from minutes, then days from hours, for the given hour buckets: of one
+        tenant, of the `tenants` selection, or (neither) of every tenant."""
         if not hours:
             return
+        if tenants is None:
+            tenants = _Tenants.one(tenant_id) if tenant_id is not None else _Tenants.every()
         days = {h // Tier.DAY.value * Tier.DAY.value for h in hours}
         for source, target, keys in ((Tier.MINUTE, Tier.HOUR, hours), (Tier.HOUR, Tier.DAY, days)):
-            tenant = "tenant_id = $tenant_id AND " if tenant_id is not None else ""
+            tenant = f"{tenants.sql} AND "
             target_where, params = _key_filter("bucket_us", keys, target.value)
             source_where, _ = _key_filter(
                 f"(bucket_us // {target.value} * {target.value})", keys, target.value
             )
-            if tenant_id is not None:
-                params["tenant_id"] = tenant_id
+            params.update(tenants.params)
             cursor.execute(f"DELETE FROM {target.table} WHERE {tenant}{target_where}", params)
             cursor.execute(
                 f"INSERT INTO {target.table} BY NAME "
@@ -513,46 +580,107 @@ class RollupMaintainer:
                 params,
             )
 
-    def rebuild(self, since: datetime | None = None) -> None:
+    def rebuild(
+        self, since: datetime | None = None, later: Mapping[str, datetime] | None = None
+    ) -> None:
         """Recomputes every tier bucket from `since` on from the raw events.
 
         `None` rebuilds everything from raw: only for a new rollup file, since raw past
         its retention may be gone while its rollups are all that is left.
+
+        `later`: tenants whose raw events only go back to a later instant (a shorter
+        raw retention of their own): they are rebuilt from that day on only, so tier
+        buckets whose raw events the retention job already deleted are kept rather than
+        recomputed from nothing. (A lost flush in their oldest raw day stays lost.)
         """
         with self._work_lock:
             start = floor_to(since, Tier.DAY) if since is not None else None
-            where = "true" if start is None else "occurred_at >= $start"
-            params: dict[str, object] = {} if start is None else {"start": start}
-            fresh = self.events.read(_MINUTES_FROM_RAW.format(where=where), params)
+            own = {
+                tenant_id: ceil_to(moment, Tier.DAY)
+                for tenant_id, moment in (later or {}).items()
+                if start is not None and ceil_to(moment, Tier.DAY) > start
+            }
+            groups = [(_Tenants.all_but(sorted(own)), start)]
+            groups += [(_Tenants.one(t), own[t]) for t in sorted(own)]
             with self.store.transaction() as cursor:
-                bucket_where = "true" if start is None else "bucket_us >= $start_us"
-                bucket_params: dict[str, object] = {} if start is None else {"start_us": _us(start)}
-                for tier in TIERS:
-                    cursor.execute(f"DELETE FROM {tier.table} WHERE {bucket_where}", bucket_params)
-                cursor.register("_bilten_minutes", fresh)
-                try:
-                    cursor.execute(
-                        f"INSERT INTO {Tier.MINUTE.table} BY NAME SELECT * FROM _bilten_minutes"
-                    )
-                finally:
-                    cursor.unregister("_bilten_minutes")
-                hours = {
-                    int(h)
-                    for h in pc.unique(
-                        pc.multiply(
-                            pc.divide(fresh.column("bucket_us"), Tier.HOUR.value), Tier.HOUR.value
-                        )
-                    ).to_pylist()
-                }
-                self._roll_up(cursor, None, hours)
+                for tenants, group_start in groups:
+                    self._rebuild_group(cursor, tenants, group_start)
+
+    def _rebuild_group(
+        self, cursor: duckdb.DuckDBPyConnection, tenants: _Tenants, start: datetime | None
+    ) -> None:
+        where = tenants.sql if start is None else f"{tenants.sql} AND occurred_at >= $start"
+        params: dict[str, object] = dict(tenants.params)
+        bucket_where = tenants.sql
+        bucket_params: dict[str, object] = dict(tenants.params)
+        if start is not None:
+            params["start"] = start
+            bucket_where += " AND bucket_us >= $start_us"
+            bucket_params["start_us"] = _us(start)
+        fresh = self.events.read(_MINUTES_FROM_RAW.format(where=where), params)
+        for tier in TIERS:
+            cursor.execute(f"DELETE FROM {tier.table} WHERE {bucket_where}", bucket_params)
+        cursor.register("_bilten_minutes", fresh)
+        try:
+            cursor.execute(f"INSERT INTO {Tier.MINUTE.table} BY NAME SELECT * FROM _bilten_minutes")
+        finally:
+            cursor.unregister("_bilten_minutes")
+        hours = {
+            int(h)
+            for h in pc.unique(
+                pc.multiply(pc.divide(fresh.column("bucket_us"), Tier.HOUR.value), Tier.HOUR.value)
+            ).to_pylist()
+        }
+        self._roll_up(cursor, None, hours, tenants)
 
     def prune(self) -> None:
-        """Drops tier buckets past their retention (a day's margin: retention is a floor)."""
+        """Drops tier buckets past their retention (a day's margin: retention is a floor).
+
+        Per tenant: a tenant with its own policy keeps each tier as long as that policy
+        says (shorter or longer than the default), every other tenant as the default.
+        """
         now = self._clock()
+        own = dict(self.retention.listing())
+
+        def horizon(policy: RetentionPolicy, tier: Tier) -> int:
+            return _us(floor_to(now - policy.keeps(tier) - timedelta(days=1), Tier.DAY))
+
         with self._work_lock, self.store.transaction() as cursor:
             for tier in TIERS:
-                horizon = floor_to(now - self.policy.keeps(tier) - timedelta(days=1), Tier.DAY)
-                cursor.execute(f"DELETE FROM {tier.table} WHERE bucket_us < ?", [_us(horizon)])
+                others = _Tenants.all_but(sorted(own))
+                cursor.execute(
+                    f"DELETE FROM {tier.table} WHERE {others.sql} AND bucket_us < $horizon",
+                    {**others.params, "horizon": horizon(self.retention.default, tier)},
+                )
+                for tenant_id, policy in sorted(own.items()):
+                    cursor.execute(
+                        f"DELETE FROM {tier.table} WHERE tenant_id = $t AND bucket_us < $horizon",
+                        {"t": tenant_id, "horizon": horizon(policy, tier)},
+                    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Tenants:
+    """A tenant selection as a SQL condition with its named parameters."""
+
+    sql: str
+    params: Mapping[str, object]
+
+    @classmethod
+    def every(cls) -> _Tenants:
+        return cls("true", {})
+
+    @classmethod
+    def one(cls, tenant_id: str) -> _Tenants:
+        return cls("tenant_id = $tenant_id", {"tenant_id": tenant_id})
+
+    @classmethod
+    def all_but(cls, tenant_ids: Sequence[str]) -> _Tenants:
+        if not tenant_ids:
+            return cls.every()
+        names = {f"except_{i}": t for i, t in enumerate(tenant_ids)}
+        marks = ", ".join(f"${name}" for name in names)
+        return cls(f"tenant_id NOT IN ({marks})", names)
 
 
 def _replace(
@@ -685,6 +813,45 @@ def event_counts(
             _bucket_start(row["bucket"], granularity),
             row["event_name"],
             TrackedEventType(row["event_type"]),
+            int(row["events"]),
+        )
+        for row in rollups.read(sql, query.params).to_pylist()
+    )
+
+
+# Groupable dimensions (`metrics.GROUPABLE`) the tiers keep; `source` is not one.
+ROLLUP_DIMENSIONS = frozenset(_DIMENSIONS) & frozenset(GROUPABLE)
+
+
+def grouped_event_counts(
+    rollups: RollupStore,
+    tier: Tier,
+    scope: Scope,
+    time_range: TimeRange,
+    granularity: Granularity,
+    dimensions: Sequence[str] = (),
+    filters: MetricFilters = NO_FILTERS,
+) -> tuple[GroupedEventCount, ...]:
+    """`metrics.grouped_event_counts` from a tier; `RollupDimensionError` for a dimension
+    the tiers do not keep."""
+    check_groupable(dimensions)
+    missing = [d for d in dimensions if d not in ROLLUP_DIMENSIONS]
+    if missing:
+        raise RollupDimensionError(f"rollups do not keep {', '.join(missing)}")
+    _check_tier(time_range, tier, granularity)
+    bucket_starts(time_range, granularity)
+    query = _Query()
+    where = query.where(scope, time_range.start, time_range.end, filters)
+    columns = "".join(f", {d}" for d in dimensions)
+    sql = (
+        f"SELECT {_bucket_key(granularity)} AS bucket{columns},"
+        f" CAST(sum(events) AS BIGINT) AS events FROM {tier.table} WHERE {where}"
+        " GROUP BY ALL ORDER BY ALL"
+    )
+    return tuple(
+        GroupedEventCount(
+            _bucket_start(row["bucket"], granularity),
+            tuple(str(row[d]) for d in dimensions),
             int(row["events"]),
         )
         for row in rollups.read(sql, query.params).to_pylist()

@@ -5,20 +5,20 @@ Thin by design: the tenant comes from the credential (`convert.scope`), request 
 are validated at the edge, conversions live in `convert`, every decision in the domain
 modules, which run in worker threads (DuckDB releases the GIL while it works).
 
-Scheduled reports need a SQLite file (`reports_path`); when the servicer is built inside
-a running event loop it also starts their `ReportScheduler` (`aclose` stops it and
-closes the file).
+Scheduled reports need a SQLite file (`reports_path`). Their `ReportScheduler` is a
+background task with an owner's lifecycle: `start_background()` starts it on the running
+loop (the mesh does, in `Mesh.start`) and `aclose()` stops it and closes the file (the
+mesh registers it as a closer, so `Mesh.stop` ends the task before the stores close).
+The constructor starts nothing: a servicer built and dropped must not leave a task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bilten.analytics.query.v1 import query_service_pb2 as pb
 from bilten.analytics.query.v1 import query_service_pb2_grpc as pb_grpc
@@ -38,16 +38,20 @@ from services.query import (
     funnels,
     metrics,
     reports,
+    rollups,
     sessions,
     sql_sandbox,
     ticketed_events,
     users,
 )
+from services.query.metric_backend import EmbeddedMetrics, MetricBackend
 from services.storage.event_store import EventStore
+
+if TYPE_CHECKING:  # the aggregation's reads, passed in by the mesh
+    from services.aggregation.reads import MetricReads
 
 _COUNT = metric_pb2.METRIC_TYPE_COUNTER
 _GAUGE = metric_pb2.METRIC_TYPE_GAUGE
-_GROUPABLE = {pb.DIMENSION_EVENT_NAME: "event_name", pb.DIMENSION_EVENT_TYPE: "event_type"}
 
 
 def _point(bucket: datetime, value: float, **dimensions: str) -> metric_pb2.MetricPoint:
@@ -76,10 +80,19 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         scheduler_tick_seconds: float = 30.0,
+        metric_backend: MetricBackend | None = None,
+        reads: MetricReads | None = None,
     ) -> None:
         """`reports_path`: the SQLite file for scheduled reports (the metadata file in
-        the mesh); without it the report RPCs answer FAILED_PRECONDITION."""
+        the mesh); without it the report RPCs answer FAILED_PRECONDITION.
+        `metric_backend`: where GetMetrics reads (the mesh passes Pinot with
+        query_backend=pinot); every other RPC reads `store`.
+        `reads`: the aggregation's raw-or-rollup reads (the mesh's): GetMetrics' event
+        counts then come from the rollups for ranges past the tenant's raw window, where
+        raw events are deleted. Without it they read `metric_backend` / `store`."""
         self._store = store
+        self._reads = reads
+        self._metrics: MetricBackend = metric_backend or EmbeddedMetrics(store)
         self._clock = clock
         self._reports: reports.ReportStore | None = None
         self.scheduler: reports.ReportScheduler | None = None
@@ -88,24 +101,22 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             self.scheduler = reports.ReportScheduler(
                 self._reports, store, tick_seconds=scheduler_tick_seconds, clock=clock
             )
-            # The mesh builds servicers inside its running loop: the scheduler starts
-            # with the server. Built outside a loop (tests), call `scheduler.run_due`.
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop()
-                self.start_background()
 
     def start_background(self) -> None:
-        """Starts the report scheduler on the running loop (idempotent; the constructor
-        already does when built inside a loop, as in `Mesh.start`)."""
+        """Starts the report scheduler on the running loop (idempotent; a no-op without
+        a report store). Without it, reports are stored but only run by
+        `scheduler.run_due()` (tests, a cron)."""
         if self.scheduler is not None:
             self.scheduler.start()
 
     async def aclose(self) -> None:
-        """Stops the report scheduler and closes the report store."""
+        """Stops the report scheduler (after the report it is running, if any), then
+        closes the report store; idempotent."""
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self._reports is not None:
             self._reports.close()
+            self._reports = None
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Any
@@ -116,19 +127,38 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         filters = convert.filters(
             request.filter.event_name, request.filter.event_type, request.filter.ticketed_event_id
         )
-        group_by = [_GROUPABLE.get(d) for d in request.group_by]
-        if None in group_by:
-            raise invalid_request(
-                [
-                    FieldViolation(
-                        "group_by",
-                        "v1 groups by DIMENSION_EVENT_NAME and DIMENSION_EVENT_TYPE; "
-                        "other dimensions come with issue #5",
-                    )
-                ]
+        group_by = convert.group_by(request.group_by)
+        try:
+            return await asyncio.to_thread(
+                self._compute, list(request.metrics), scope, window, granularity, filters, group_by
             )
-        return await asyncio.to_thread(
-            self._compute, list(request.metrics), scope, window, granularity, filters, group_by
+        except rollups.RollupDimensionError as error:
+            # The request is well formed; the data it needs only exists as rollups.
+            raise AnalyticsError(
+                StatusCode.FAILED_PRECONDITION, "INVALID_REQUEST", str(error)
+            ) from error
+        except rollups.RollupRangeError as error:
+            raise _invalid("time_range", error) from error
+
+    def _event_counts(
+        self,
+        scope: metrics.Scope,
+        window: metrics.TimeRange,
+        granularity: metrics.Granularity,
+        filters: metrics.MetricFilters,
+        group_by: tuple[str, ...],
+    ) -> tuple[metrics.GroupedEventCount, ...]:
+        if self._reads is not None:
+            return self._reads.grouped_event_counts_now(
+                scope, window, granularity, group_by, filters
+            )
+        if set(group_by) <= {"event_name", "event_type"}:
+            rows = self._metrics.event_counts(scope, window, granularity, filters)
+            return metrics.regroup_event_counts(rows, group_by)
+        # The other dimensions from the embedded store, which holds every raw event in
+        # every shape (with Pinot, the processor fills both).
+        return metrics.grouped_event_counts(
+            self._store, scope, window, granularity, group_by, filters
         )
 
     def _compute(
@@ -138,29 +168,33 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         window: metrics.TimeRange,
         granularity: metrics.Granularity,
         filters: metrics.MetricFilters,
-        group_by: list[str | None],
+        group_by: tuple[str, ...],
     ) -> pb.GetMetricsResponse:
         response = pb.GetMetricsResponse()
         for kind in kinds:
             if kind == pb.METRIC_KIND_EVENT_COUNT:
-                sums: dict[tuple[datetime, tuple[tuple[str, str], ...]], int] = defaultdict(int)
-                for row in metrics.event_counts(self._store, scope, window, granularity, filters):
-                    values = {
-                        "event_name": row.event_name,
-                        "event_type": convert.EVENT_TYPE_NAMES[row.event_type],
-                    }
-                    key = tuple((d, values[d]) for d in group_by if d is not None)
-                    sums[(row.bucket_start, key)] += row.events
+                points = [
+                    (
+                        row.bucket_start,
+                        tuple(
+                            (d, convert.dimension_value(d, v))
+                            for d, v in zip(group_by, row.values, strict=True)
+                        ),
+                        row.events,
+                    )
+                    for row in self._event_counts(scope, window, granularity, filters, group_by)
+                ]
                 series = metric_pb2.MetricSeries(
                     metric_name="event_count",
                     metric_type=_COUNT,
                     unit="1",
                     calculation_method="count(*)",
                 )
-                for (bucket, key), value in sorted(sums.items()):
+                # By bucket, then the dimension values as shown (enum names).
+                for bucket, key, value in sorted(points):
                     series.points.append(_point(bucket, value, **dict(key)))
             elif kind == pb.METRIC_KIND_ACTIVE_USERS:
-                active = metrics.active_users(self._store, scope, window, granularity, filters)
+                active = self._metrics.active_users(scope, window, granularity, filters)
                 series = metric_pb2.MetricSeries(
                     metric_name="active_users",
                     metric_type=_GAUGE,
@@ -169,7 +203,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                     points=[_point(r.bucket_start, r.active_users) for r in active.buckets],
                 )
             elif kind == pb.METRIC_KIND_CONVERSIONS:
-                rows = metrics.conversions(self._store, scope, window, granularity, filters)
+                rows = self._metrics.conversions(scope, window, granularity, filters)
                 series = metric_pb2.MetricSeries(
                     metric_name="conversions",
                     metric_type=_COUNT,
@@ -178,7 +212,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
                     points=[_point(r.bucket_start, r.conversions) for r in rows],
                 )
             else:
-                revenue_rows = metrics.revenue(self._store, scope, window, granularity, filters)
+                revenue_rows = self._metrics.revenue(scope, window, granularity, filters)
                 series = metric_pb2.MetricSeries(
                     metric_name="revenue",
                     metric_type=_COUNT,

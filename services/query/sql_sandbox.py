@@ -57,7 +57,7 @@ from sqlglot.errors import SqlglotError
 
 from services.platform.errors import AnalyticsError, StatusCode
 from services.query.metrics import Scope
-from services.storage.event_store import TABLE, EventStore
+from services.storage.event_store import TABLE, DuckDBEventStore, EventStore
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
@@ -578,24 +578,14 @@ def _cursor(store: EventStore) -> Iterator[duckdb.DuckDBPyConnection | None]:
     """A cursor of the store's database that can be interrupted, or None for stores
     that do not offer one (then the deadline cannot stop the query, only the wait).
 
-    `DuckDBEventStore` keeps its cursors private: this is the one place that reaches in,
-    taking and giving back a cursor exactly as its own `read` does (`_cursor` counts
-    active readers, `_release` uncounts them so `close` does not wait for us). It wants
-    to become a public `DuckDBEventStore.cursor()` context manager.
+    `DuckDBEventStore.reader()` counts the cursor as an active reader until the block
+    ends, so the store's `close` waits for a query still running here.
     """
-    factory = getattr(store, "_cursor", None)
-    if factory is None:
+    if not isinstance(store, DuckDBEventStore):
         yield None
         return
-    release = getattr(store, "_release", None)
-    cursor = factory()
-    try:
+    with store.reader() as cursor:
         yield cursor
-    finally:
-        if release is not None:
-            release(cursor)
-        else:
-            cursor.close()
 
 
 def _run(

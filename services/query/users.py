@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from services.query.metrics import EPOCH, CurrencyAmount, Scope
 from services.query.scoped_sql import Params, property_text
 from services.query.sessions import DEFAULT_TIMEOUT, check_timeout
-from services.storage.event_store import ACTORS_TABLE, TABLE, EventStore
+from services.storage.event_store import ACTORS_TABLE, TABLE, DuckDBEventStore, EventStore
 
 FUNNEL_STAGES = ("visit", "ticket_view", "checkout", "purchase")
 CHECKOUT_EVENTS = ("checkout_started", "cart_opened", "buy_clicked")
@@ -124,16 +124,12 @@ def _money(rows: pa.Table) -> list[tuple[str, Decimal, int]]:
 def _actor_key(store: EventStore, tenant_id: str, actor_id: str) -> int | None:
     """The actor's dense key, None for an unknown actor.
 
-    `DuckDBEventStore` keeps every tenant's actor -> key map in memory, updated after
-    each commit and each erasure (see its module docstring); reading it saves a scan of
-    the actor table, ~45 ms at 2 M actors: half of this call's budget. The map is private
-    to the store, so this is the one place that reads it, and any other store (or a
-    future one without the map) gets the table lookup.
+    `DuckDBEventStore` answers from its in-memory actor map (`actor_key`), which saves a
+    scan of the actor table, ~45 ms at 2 M actors: half of this call's budget. Any
+    other store gets the table lookup.
     """
-    in_memory = getattr(store, "_actor_keys", None)
-    if isinstance(in_memory, dict):
-        key = in_memory.get(tenant_id, {}).get(actor_id)
-        return int(key) if key is not None else None
+    if isinstance(store, DuckDBEventStore):
+        return store.actor_key(tenant_id, actor_id)
     params = Params()
     found = store.read(
         f"SELECT actor_key FROM {ACTORS_TABLE} WHERE tenant_id = {params.bind(tenant_id, 't')}"

@@ -557,6 +557,33 @@ class DuckDBEventStore:
             self._active_readers -= 1
             self._readers_done.notify_all()
 
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read cursor of its own, for callers that need more than `read` (e.g. to
+        `interrupt()` a query at a deadline from another thread).
+
+        It counts as an active reader until the block ends, so `close()` waits for it:
+        closing the connection while one of its cursors still runs in another thread
+        crashes DuckDB. The caller must only run SELECTs on it (`read`'s check does not
+        apply here) and must not keep it past the block.
+        """
+        cursor = self._cursor()
+        try:
+            yield cursor
+        finally:
+            self._release(cursor)
+
+    def actor_key(self, tenant_id: str, actor_id: str) -> int | None:
+        """The dense key of a committed actor (`u:<user_id>` / `a:<anonymous_id>`), None
+        when the tenant has none such (never seen, or erased).
+
+        From the in-memory map, so no scan of the actor table. A plain dict lookup is
+        atomic under the GIL, and the writer only adds keys after its commit, so a key
+        seen here always belongs to committed rows.
+        """
+        key = self._actor_keys.get(tenant_id, {}).get(actor_id)
+        return None if key is None else int(key)
+
     def read(self, sql: str, params: Sequence[object] | Mapping[str, object] = ()) -> pa.Table:
         """Runs one SELECT on its own cursor and returns all rows.
 

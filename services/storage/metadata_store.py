@@ -22,6 +22,11 @@ Audit log: append-only per tenant, each entry's SHA-256 chained to the previous 
 (`audit_entry_hash`); `verify_audit_chain` recomputes the chain, so an edit of any row
 (or a deleted row in the middle) is found. Schema v2 adds these tables and the API key
 columns; a v1 file is upgraded in place when opened (columns added, nothing rewritten).
+
+The cluster shape uses `PostgresMetadataStore` (postgres_metadata_store.py) instead: the
+same `MetadataStore` Protocol over the same tables, sharing the dataclasses, the row
+mapping (`*_from_row`, on any row readable by column name) and the page tokens defined
+here. `open_metadata_store` picks one from the `metadata_store_url` setting.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 SCHEMA_VERSION = 2
 # Files this build opens; older ones are upgraded by `_upgrade`.
@@ -131,7 +136,16 @@ CREATE TABLE IF NOT EXISTS used_token_ids (
   jti        TEXT PRIMARY KEY,
   expires_at TEXT NOT NULL
 );
+-- Counters other processes poll: `consent_resets` grows with every change to consent that
+-- is not an appended decision (a subject's decisions deleted, a tenant's mode changed), so
+-- a process following the store knows to reload instead of reading new rows only.
+CREATE TABLE IF NOT EXISTS metadata_counters (
+  name  TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+);
 """
+
+CONSENT_RESETS_COUNTER = "consent_resets"
 
 # Columns schema v2 added to v1 tables: (table, column, definition).
 _ADDED_COLUMNS = (
@@ -273,6 +287,12 @@ class ErasureRecord:
     error_message: str = ""
 
 
+class Row(Protocol):
+    """A result row read by column name: `sqlite3.Row`, or a psycopg `dict_row`."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
 class AlreadyExistsError(Exception):
     """A tenant or API key with that id (or hash) is already stored."""
 
@@ -308,7 +328,85 @@ class MetadataStore(Protocol):
 
     def delete_quarantined(self, tenant_id: str, ids: Sequence[str]) -> int: ...
 
+    def rotate_api_key(
+        self, tenant_id: str, key_id: str, new_secret_hash: str, previous_valid_until: datetime
+    ) -> ApiKeyRecord | None: ...
+
+    def burn_token_id(self, jti: str, expires_at: datetime, now: datetime) -> bool: ...
+
+    def append_audit(
+        self,
+        tenant_id: str,
+        actor: str,
+        action: str,
+        resource: str,
+        peer: str,
+        outcome: str,
+        at: datetime,
+    ) -> AuditRecord: ...
+
+    def list_audit(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditRecord], str]: ...
+
+    def audit_tenants(self) -> list[str]: ...
+
+    def verify_audit_chain(self, tenant_id: str) -> AuditChainReport: ...
+
+    def add_consent(self, entry: ConsentEntry) -> None: ...
+
+    def consent_history(self, tenant_id: str, subject_id: str) -> list[ConsentEntry]: ...
+
+    def latest_consents(self, purpose: str) -> list[ConsentEntry]: ...
+
+    def consent_position(self) -> tuple[int, int]: ...
+
+    def consents_between(
+        self, purpose: str, after_id: int, up_to_id: int
+    ) -> list[ConsentEntry]: ...
+
+    def delete_consents(self, tenant_id: str, subject_id: str) -> int: ...
+
+    def set_consent_mode(self, tenant_id: str, mode: str) -> None: ...
+
+    def consent_modes(self) -> dict[str, str]: ...
+
+    def get_retention(self, tenant_id: str) -> RetentionDays | None: ...
+
+    def retention_policies(self) -> dict[str, RetentionDays]: ...
+
+    def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None: ...
+
+    def create_erasure(self, record: ErasureRecord) -> tuple[ErasureRecord, bool]: ...
+
+    def update_erasure(
+        self,
+        erasure_request_id: str,
+        state: str,
+        finished_at: datetime | None = None,
+        certificate: Sequence[str] = (),
+        error_message: str = "",
+    ) -> None: ...
+
+    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None: ...
+
+    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]: ...
+
     def close(self) -> None: ...
+
+
+def open_metadata_store(url: str, data_dir: Path) -> MetadataStore:
+    """The store `metadata_store_url` names: empty is the SQLite file in `data_dir` (one
+    process, the embedded shape); `postgresql://…` is a database every pod shares."""
+    if not url:
+        return SQLiteMetadataStore(data_dir / "metadata.sqlite3")
+    if url.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg is only loaded by processes that use it.
+        from services.storage.postgres_metadata_store import PostgresMetadataStore
+
+        return PostgresMetadataStore(url)
+    # The URL may carry a password: name the scheme only.
+    raise ValueError(f"unsupported metadata store URL scheme {url.split(':', 1)[0]!r}")
 
 
 def _to_text(value: datetime) -> str:
@@ -350,7 +448,7 @@ def _decode_page_token(tenant_id: str, token: str) -> tuple[str, str]:
         raise InvalidPageTokenError("malformed page token") from exc
 
 
-def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
+def api_key_from_row(row: Row) -> ApiKeyRecord:
     return ApiKeyRecord(
         key_id=row["key_id"],
         tenant_id=row["tenant_id"],
@@ -366,7 +464,7 @@ def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
     )
 
 
-def _quarantine_entry(row: sqlite3.Row) -> QuarantineEntry:
+def quarantine_entry_from_row(row: Row) -> QuarantineEntry:
     return QuarantineEntry(
         quarantined_event_id=row["quarantined_event_id"],
         tenant_id=row["tenant_id"],
@@ -497,17 +595,17 @@ class SQLiteMetadataStore:
 
     def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
         rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
-        return _api_key(rows[0]) if rows else None
+        return api_key_from_row(rows[0]) if rows else None
 
     def find_api_key_by_hash(self, secret_hash: str) -> ApiKeyRecord | None:
         rows = self._query("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
-        return _api_key(rows[0]) if rows else None
+        return api_key_from_row(rows[0]) if rows else None
 
     def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
         rows = self._query(
             "SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at, key_id", (tenant_id,)
         )
-        return [_api_key(r) for r in rows]
+        return [api_key_from_row(r) for r in rows]
 
     def revoke_api_key(self, tenant_id: str, key_id: str, revoked_at: datetime) -> bool:
         """Marks the key revoked (keeps the first revocation time); False if not found."""
@@ -575,7 +673,7 @@ class SQLiteMetadataStore:
             next_token = _encode_page_token(
                 tenant_id, last["received_at"], last["quarantined_event_id"]
             )
-        return [_quarantine_entry(r) for r in page], next_token
+        return [quarantine_entry_from_row(r) for r in page], next_token
 
     def get_quarantined(self, tenant_id: str, ids: Sequence[str]) -> dict[str, QuarantineEntry]:
         """The tenant's entries among `ids`, by id; other tenants' ids are simply absent."""
@@ -587,7 +685,7 @@ class SQLiteMetadataStore:
                 f" AND quarantined_event_id IN ({marks})",
                 (tenant_id, *chunk),
             )
-            found.update((r["quarantined_event_id"], _quarantine_entry(r)) for r in rows)
+            found.update((r["quarantined_event_id"], quarantine_entry_from_row(r)) for r in rows)
         return found
 
     def delete_quarantined(self, tenant_id: str, ids: Sequence[str]) -> int:
@@ -621,7 +719,7 @@ class SQLiteMetadataStore:
             if cursor.rowcount == 0:
                 return None
             row = conn.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
-        return _api_key(row)
+        return api_key_from_row(row)
 
     # --- single-use tokens -------------------------------------------------------------
 
@@ -703,7 +801,7 @@ class SQLiteMetadataStore:
             " ORDER BY sequence DESC LIMIT ?",
             (tenant_id, before, size + 1),
         )
-        page = [_audit(r) for r in rows[:size]]
+        page = [audit_from_row(r) for r in rows[:size]]
         token = (
             _encode_page_token(tenant_id, "", str(page[-1].sequence)) if len(rows) > size else ""
         )
@@ -768,7 +866,7 @@ class SQLiteMetadataStore:
             " ORDER BY consent_id DESC",
             (tenant_id, subject_id),
         )
-        return [_consent(r) for r in rows]
+        return [consent_from_row(r) for r in rows]
 
     def latest_consents(self, purpose: str) -> list[ConsentEntry]:
         """The latest decision for `purpose` of every subject of every tenant (to warm
@@ -778,7 +876,33 @@ class SQLiteMetadataStore:
             " WHERE purpose = ? GROUP BY tenant_id, subject_id) m ON c.consent_id = m.id",
             (purpose,),
         )
-        return [_consent(r) for r in rows]
+        return [consent_from_row(r) for r in rows]
+
+    def consent_position(self) -> tuple[int, int]:
+        """(resets counter, newest consent id) for processes following the store: read
+        the counter first, so a reset racing this read is seen by the next one."""
+        with self._lock:
+            resets = self._conn.execute(
+                "SELECT value FROM metadata_counters WHERE name = ?", (CONSENT_RESETS_COUNTER,)
+            ).fetchone()
+            top = self._conn.execute("SELECT max(consent_id) FROM consents").fetchone()[0]
+        return (resets[0] if resets else 0), (top or 0)
+
+    def consents_between(self, purpose: str, after_id: int, up_to_id: int) -> list[ConsentEntry]:
+        """Decisions for `purpose` with after_id < consent_id <= up_to_id, oldest first."""
+        rows = self._query(
+            "SELECT * FROM consents WHERE consent_id > ? AND consent_id <= ? AND purpose = ?"
+            " ORDER BY consent_id",
+            (after_id, up_to_id, purpose),
+        )
+        return [consent_from_row(r) for r in rows]
+
+    def _bump_consent_resets(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO metadata_counters (name, value) VALUES (?, 1)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            (CONSENT_RESETS_COUNTER,),
+        )
 
     def delete_consents(self, tenant_id: str, subject_id: str) -> int:
         with self._transaction() as conn:
@@ -786,6 +910,7 @@ class SQLiteMetadataStore:
                 "DELETE FROM consents WHERE tenant_id = ? AND subject_id = ?",
                 (tenant_id, subject_id),
             )
+            self._bump_consent_resets(conn)
             return cursor.rowcount
 
     def set_consent_mode(self, tenant_id: str, mode: str) -> None:
@@ -797,6 +922,7 @@ class SQLiteMetadataStore:
                 " ON CONFLICT (tenant_id) DO UPDATE SET consent_mode = excluded.consent_mode",
                 (tenant_id, mode),
             )
+            self._bump_consent_resets(conn)
 
     def consent_modes(self) -> dict[str, str]:
         rows = self._query("SELECT tenant_id, consent_mode FROM tenant_compliance_settings")
@@ -812,6 +938,17 @@ class SQLiteMetadataStore:
         return RetentionDays(
             r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
         )
+
+    def retention_policies(self) -> dict[str, RetentionDays]:
+        """Every tenant's own retention policy (tenants without one are absent), for
+        the rollup maintainer's pruning."""
+        rows = self._query("SELECT * FROM retention_policies ORDER BY tenant_id")
+        return {
+            r["tenant_id"]: RetentionDays(
+                r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
+            )
+            for r in rows
+        }
 
     def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None:
         with self._transaction() as conn:
@@ -843,7 +980,7 @@ class SQLiteMetadataStore:
                 (record.tenant_id, record.request_id),
             ).fetchone()
             if row is not None:
-                return _erasure(row), False
+                return erasure_from_row(row), False
             conn.execute(
                 "INSERT INTO erasure_requests (erasure_request_id, tenant_id, request_id,"
                 " subject_id, state, created_at, deadline_at, finished_at, certificate_json,"
@@ -886,7 +1023,7 @@ class SQLiteMetadataStore:
             "SELECT * FROM erasure_requests WHERE tenant_id = ? AND erasure_request_id = ?",
             (tenant_id, erasure_request_id),
         )
-        return _erasure(rows[0]) if rows else None
+        return erasure_from_row(rows[0]) if rows else None
 
     def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]:
         """Ids of the tenant's quarantined events whose stored JSON contains `needle` (a
@@ -899,7 +1036,7 @@ class SQLiteMetadataStore:
         return [r[0] for r in rows]
 
 
-def _audit(row: sqlite3.Row) -> AuditRecord:
+def audit_from_row(row: Row) -> AuditRecord:
     return AuditRecord(
         tenant_id=row["tenant_id"],
         sequence=row["sequence"],
@@ -914,7 +1051,7 @@ def _audit(row: sqlite3.Row) -> AuditRecord:
     )
 
 
-def _consent(row: sqlite3.Row) -> ConsentEntry:
+def consent_from_row(row: Row) -> ConsentEntry:
     return ConsentEntry(
         tenant_id=row["tenant_id"],
         subject_id=row["subject_id"],
@@ -926,7 +1063,7 @@ def _consent(row: sqlite3.Row) -> ConsentEntry:
     )
 
 
-def _erasure(row: sqlite3.Row) -> ErasureRecord:
+def erasure_from_row(row: Row) -> ErasureRecord:
     return ErasureRecord(
         erasure_request_id=row["erasure_request_id"],
         tenant_id=row["tenant_id"],

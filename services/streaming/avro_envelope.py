@@ -12,7 +12,10 @@ Choices that keep the three readers (our processor, Pinot, any Confluent consume
 - `event_type` and `source` are strings, not Avro enums: adding a value later is then a
   compatible change for old readers (an enum needs a reader default for that);
 - every field except the identity and time fields has a default, so later versions can
-  drop or add fields under BACKWARD compatibility.
+  drop or add fields under BACKWARD compatibility;
+- v2 added `pii_key_ids`, `subject_token` and the `pii_*` fields (all with defaults) for
+  crypto-shredding: `to_record` / `from_record` leave them empty / ignore them, the Kafka
+  log fills them and the processor opens them (services/streaming/pii.py).
 
 The wire format (Confluent): byte 0 = 0x00, bytes 1-4 = the registry's schema id
 (big-endian), then the Avro binary body. The schema is registered under the topic's value
@@ -103,6 +106,20 @@ ENVELOPE_SCHEMA: Final[dict[str, Any]] = {
         _text("browser_version", "Major version only."),
         _text("os_family", "From the user agent."),
         _text("device_type", "desktop | mobile | tablet | bot | other."),
+        # --- v2: crypto-shredding (docs/compliance.md). Added with defaults, so the
+        # evolution is BACKWARD compatible; with crypto-shredding on, the clear fields
+        # user_id, anonymous_id, ip_hash and the four user agent fields are empty and
+        # their values travel sealed below (services/compliance/pii_cipher.py).
+        _text("pii_key_ids", "Key ids (comma-separated) the pii_* fields are sealed with."),
+        _text(
+            "subject_token",
+            "Pseudonymous actor token (from the actor's key): distinct counts without ids.",
+        ),
+        _text("pii_user_id", "Sealed user_id (base64 AES-GCM)."),
+        _text("pii_anonymous_id", "Sealed anonymous_id."),
+        _text("pii_ip_hash", "Sealed ip_hash."),
+        _text("pii_user_agent", "Sealed JSON list of the four user agent fields."),
+        _text("pii_properties", "Sealed JSON object of the properties marked personal."),
     ],
 }
 
@@ -110,6 +127,16 @@ ENVELOPE_SCHEMA: Final[dict[str, Any]] = {
 ENVELOPE_SCHEMA_JSON: Final = json.dumps(ENVELOPE_SCHEMA, separators=(",", ":"))
 PARSED_ENVELOPE_SCHEMA: Final = fastavro.parse_schema(ENVELOPE_SCHEMA)
 FIELD_NAMES: Final = tuple(f["name"] for f in ENVELOPE_SCHEMA["fields"])
+# Envelope fields with no column in the event store (the sealed PII and its token).
+SEALED_FIELD_NAMES: Final = (
+    "pii_key_ids",
+    "subject_token",
+    "pii_user_id",
+    "pii_anonymous_id",
+    "pii_ip_hash",
+    "pii_user_agent",
+    "pii_properties",
+)
 STRING_FIELDS: Final = tuple(f["name"] for f in ENVELOPE_SCHEMA["fields"] if f["type"] == "string")
 
 
@@ -177,6 +204,7 @@ def to_record(event: TrackedEvent) -> dict[str, Any]:
         "browser_version": enrichment.browser_version,
         "os_family": enrichment.os_family,
         "device_type": enrichment.device_type,
+        **dict.fromkeys(SEALED_FIELD_NAMES, ""),
     }
 
 

@@ -14,13 +14,16 @@ at once: each field is one pass over the batch, never a Python loop over records
   by index with the reason instead of failing the batch. Bodies written with any other
   schema go through `decode_resolved` (fastavro, writer → reader resolution), which is
   slower but only meets records of producers still on an older schema version.
+- The sealed-PII fields (`SEALED_FIELD_NAMES`, no store column) are read into
+  `DecodedBatch.sealed`; `encode_table` writes them from the table's columns of those
+  names, or empty strings when the table has none (crypto-shredding off).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import fastavro
@@ -37,6 +40,7 @@ from services.streaming.avro_envelope import (
     MAGIC_BYTE,
     MAX_REVENUE_MICROS,
     REVENUE_SCALE,
+    SEALED_FIELD_NAMES,
     EnvelopeError,
 )
 
@@ -64,6 +68,7 @@ _FIELDS: Final[tuple[tuple[str, str, str], ...]] = tuple(
 _EVENT_TYPES: Final = pa.array([t.value for t in TrackedEventType])
 _SOURCES: Final = pa.array([s.value for s in EventSource])
 _TIMESTAMP_TYPE: Final = pa.timestamp("us", tz="UTC")
+SEALED_SCHEMA: Final = pa.schema([(name, pa.string()) for name in SEALED_FIELD_NAMES])
 _DECIMAL_TYPE: Final = pa.decimal128(18, REVENUE_SCALE)
 
 
@@ -143,7 +148,11 @@ def encode_table(table: pa.Table, schema_id: int) -> list[bytes]:
     if table.num_rows == 0:
         return []
     parts: list[pa.Array | pa.Scalar] = []
+    names = set(table.column_names)
     for name, kind, column_name in _FIELDS:
+        if column_name not in names and name in SEALED_FIELD_NAMES:
+            parts.append(_EMPTY_STRING)
+            continue
         column = table.column(column_name)
         if kind == "string":
             parts.append(_avro_strings(column))
@@ -177,12 +186,14 @@ class DecodedBatch:
 
     `table` has the columns of `EVENT_ARROW_SCHEMA` for the readable, valid bodies, in
     input order; `indices[i]` is the input position of `table` row i. `rejected` holds
-    (input position, reason) of every other body.
+    (input position, reason) of every other body. `sealed` has the `SEALED_FIELD_NAMES`
+    columns (strings) of the same rows as `table`.
     """
 
     table: pa.Table
     indices: npt.NDArray[np.int64]
     rejected: list[tuple[int, str]]
+    sealed: pa.Table = field(default_factory=SEALED_SCHEMA.empty_table)
 
 
 class _Cursor:
@@ -294,8 +305,10 @@ def decode_bodies(bodies: Sequence[bytes | memoryview], header_size: int = 0) ->
             cursor.fail((values < _INT32_MIN) | (values > _INT32_MAX), f"{name}: not an int")
             columns[column_name] = pa.array(np.where(cursor.ok, values, 0).astype(np.int32))
     cursor.fail(cursor.pos != cursor.ends, "trailing bytes after the record")
-    table = pa.table(columns).select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
-    return _validated(table, np.arange(cursor.count, dtype=_I64), cursor.ok, cursor.reasons)
+    full = pa.table(columns)
+    table = full.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    sealed = full.select(SEALED_SCHEMA.names).cast(SEALED_SCHEMA)
+    return _validated(table, np.arange(cursor.count, dtype=_I64), cursor.ok, cursor.reasons, sealed)
 
 
 def _decimal_from_micros(micros: npt.NDArray[np.int64]) -> pa.Array:
@@ -338,12 +351,14 @@ def decode_resolved(
             columns[column_name] = pa.array(values, pa.string())
         else:
             columns[column_name] = pa.array(values, pa.int32())
-    table = pa.table(columns).select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    full = pa.table(columns)
+    table = full.select(EVENT_ARROW_SCHEMA.names).cast(EVENT_ARROW_SCHEMA)
+    sealed = full.select(SEALED_SCHEMA.names).cast(SEALED_SCHEMA)
     ok = np.ones(len(kept), dtype=bool)
-    decoded = _validated(table, np.asarray(kept, dtype=_I64), ok, {})
+    decoded = _validated(table, np.asarray(kept, dtype=_I64), ok, {}, sealed)
     reasons = dict(rejected)
     reasons.update(decoded.rejected)
-    return DecodedBatch(decoded.table, decoded.indices, sorted(reasons.items()))
+    return DecodedBatch(decoded.table, decoded.indices, sorted(reasons.items()), decoded.sealed)
 
 
 def _datetime_micros(value: Any) -> int:
@@ -357,6 +372,7 @@ def _validated(
     indices: npt.NDArray[np.int64],
     ok: npt.NDArray[np.bool_],
     reasons: dict[int, str],
+    sealed: pa.Table,
 ) -> DecodedBatch:
     """Applies the model's rules to decoded rows; `indices` maps rows to input positions.
 
@@ -384,9 +400,10 @@ def _validated(
             reasons[int(indices[row])] = reason + value
         ok = ok & ~bad
     if ok.all():
-        return DecodedBatch(table, indices, sorted(reasons.items()))
+        return DecodedBatch(table, indices, sorted(reasons.items()), sealed)
     keep = np.flatnonzero(ok)
-    return DecodedBatch(table.take(pa.array(keep)), indices[keep], sorted(reasons.items()))
+    rows = pa.array(keep)
+    return DecodedBatch(table.take(rows), indices[keep], sorted(reasons.items()), sealed.take(rows))
 
 
 def _json_objects(column: pa.ChunkedArray) -> pa.Array:

@@ -22,6 +22,12 @@ Back-pressure, instead of buffering without bound:
   request wait out the delivery timeout;
 - a batch not acknowledged within `append_timeout_seconds` (librdkafka's
   `message.timeout.ms`) fails.
+
+Crypto-shredding (`pii=PiiSealer(...)`, docs/compliance.md): every batch's PII is sealed
+with its subjects' keys before encoding (services/streaming/pii.py), so no record on the
+topic carries a user id, anonymous id, IP hash, user agent or personal property in clear.
+Sealing runs in a worker thread (it may create keys, an fsynced SQLite write); a failure
+to seal fails the batch with UNAVAILABLE, nothing of it produced.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from services.platform.errors import FieldViolation, event_log_unavailable, inva
 from services.storage.event_store import events_to_table
 from services.streaming.avro_envelope import EnvelopeError, envelope_key
 from services.streaming.codec import encode_table
+from services.streaming.pii import PiiSealer
 from services.streaming.schemas import EnvelopeSchemaId, RegistryUnavailableError
 from services.streaming.topics import TopicLayout, TopicLayoutError, ensure_topics
 
@@ -134,6 +141,7 @@ class KafkaEventLog:
         max_pending_events: int = 200_000,
         client_config: Mapping[str, Any] | None = None,
         create_topics: bool = True,
+        pii: PiiSealer | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._layout = layout
@@ -143,6 +151,7 @@ class KafkaEventLog:
         self.max_pending_events = max_pending_events
         self._client_config = dict(client_config or {})
         self._create_topics = create_topics
+        self.pii = pii
         self._topics_ready = not create_topics
         self._producer: Any = None
         self._fatal: str | None = None
@@ -215,13 +224,24 @@ class KafkaEventLog:
         ensure_topics(admin, self._layout, timeout=10)
 
     async def close(self, timeout: float = 30.0) -> None:
-        """Stops taking appends and waits (up to `timeout`) for those in flight."""
+        """Stops taking appends and waits (up to `timeout`) for those in flight; what the
+        broker has not acknowledged by then fails (its callers were not told otherwise)
+        and the producer is released, so no client keeps reconnecting to a gone broker."""
         self._closing = True
-        if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, timeout)
+        producer = self._producer
+        if producer is not None:
+            remaining = await asyncio.to_thread(producer.flush, timeout)
+            if remaining:
+                log.warning("kafka_event_log_closed_with_unacknowledged", messages=remaining)
+                producer.purge(in_queue=True, in_flight=True)
+                await asyncio.to_thread(producer.flush, 1.0)  # serves the purge callbacks
         self._stop.set()
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join, 5)
+            if not self._poller.is_alive():
+                # Only once the poller is gone: destroying a producer another thread
+                # still polls would crash the process.
+                self._producer = None
 
     # --- librdkafka callbacks (poller thread) ----------------------------------------
 
@@ -316,7 +336,7 @@ class KafkaEventLog:
         ack = _BatchAck(loop, count, lambda done: self._on_batch_done(done, count))
         self.pending_events += count
         try:
-            if count >= _THREAD_THRESHOLD:
+            if count >= _THREAD_THRESHOLD or self.pii is not None:
                 await asyncio.to_thread(self._produce, events, schema_id, ack)
             else:
                 self._produce(events, schema_id, ack)
@@ -340,6 +360,15 @@ class KafkaEventLog:
             table = events_to_table(events)
         except Exception as exc:  # pyarrow refuses revenue beyond DECIMAL(18,6)
             raise EnvelopeError(f"an event cannot be encoded: {exc}") from exc
+        if self.pii is not None:
+            try:
+                table = self.pii.seal_table(table)
+            except Exception as exc:  # key store or registry (personal fields) failing
+                log.warning("pii_sealing_failed", error=str(exc))
+                ack.abandon(len(events), f"sealing PII failed: {exc}")
+                raise event_log_unavailable(
+                    f"PII could not be sealed ({exc}); retry in 1 s", 1.0
+                ) from exc
         payloads = encode_table(table, schema_id)
         producer = self._producer
         topic = self._topic

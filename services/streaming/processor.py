@@ -35,6 +35,15 @@ one twice to the dead-letter topic (its source offset headers identify the copy)
 Failures that are not the record's fault (registry or store unreachable) never
 dead-letter: the member pauses its partitions and retries with backoff, and the lag
 metric shows the stall.
+
+Sealed PII (crypto-shredding, docs/compliance.md): with `pii=PiiOpener(...)` the
+processor opens each record's sealed fields with the subject keys before the store
+commit. A record whose key was destroyed (its subject was erased) is stored anonymised
+(no user / anonymous id, IP hash or user agent, personal properties dropped; counted in
+`anonymised_events`), never dead-lettered and never lost; one whose ciphertext does not
+open with an existing key is stored the same way and counted in `unreadable_pii_events`.
+A batch holds a key-store lease from decryption to commit, so an erasure (which destroys
+the key, then deletes the store's rows) waits for it instead of racing it.
 """
 
 from __future__ import annotations
@@ -58,8 +67,9 @@ from services.storage.event_store import (
     StreamOffset,
 )
 from services.streaming.avro_envelope import HEADER_SIZE, MAGIC_BYTE
-from services.streaming.codec import decode_bodies, decode_resolved
+from services.streaming.codec import SEALED_SCHEMA, decode_bodies, decode_resolved
 from services.streaming.live import LiveFeed
+from services.streaming.pii import PiiOpener
 from services.streaming.schemas import RegistryUnavailableError, UnknownSchemaError, WriterSchemas
 
 log = structlog.get_logger("bilten.streaming.processor")
@@ -111,6 +121,9 @@ class ProcessorStats:
     dead_lettered: int = 0
     stale_batches: int = 0
     retries: int = 0
+    sealed_events: int = 0  # records that carried sealed PII
+    anonymised_events: int = 0  # ... whose subject key was destroyed: stored without PII
+    unreadable_pii_events: int = 0  # ... whose ciphertext did not open: stored without PII
     last_commit_seconds: float = 0.0
     last_commit_at: float = 0.0
 
@@ -193,8 +206,10 @@ class StreamProcessor:
         schemas: WriterSchemas,
         live: LiveFeed | None = None,
         dedup: SharedDedup | None = None,
+        pii: PiiOpener | None = None,
     ) -> None:
         self.config = config
+        self.pii = pii
         self.store = store
         self.schemas = schemas
         self.live = live
@@ -327,6 +342,8 @@ class _Prepared:
     duplicates: int
     started: float
     now: float
+    lease: int | None = None  # key-store lease held from decryption to commit
+    pii_counts: dict[str, int] = field(default_factory=dict)  # counted after the commit
 
 
 class _Member:
@@ -547,10 +564,23 @@ class _Member:
         if self.pending:
             prepared = self._prepare(self.pending)  # raises before changing anything
             self.pending = []
-        if not self._settle():
+        try:
+            settled = self._settle()
+        except BaseException:
+            if prepared is not None:
+                self._release(prepared)
+            raise
+        if not settled:
+            if prepared is not None:
+                self._release(prepared)
             return  # the previous batch was stale: this one was built on it, drop it
         if prepared is not None:
             self._submit(prepared)
+
+    def _release(self, prepared: _Prepared) -> None:
+        if prepared.lease is not None and self.processor.pii is not None:
+            self.processor.pii.cipher.keys.release_lease(prepared.lease)
+            prepared.lease = None
 
     def _submit(self, prepared: _Prepared) -> None:
         # Optimistic: the next batch is prepared as if this one commits.
@@ -572,6 +602,7 @@ class _Member:
         try:
             future.result()
         except Exception as exc:
+            self._release(prepared)
             processor = self.processor
             processor.dedup.remove(prepared.keys)
             self.pending = []
@@ -584,6 +615,7 @@ class _Member:
                 log.warning("stale_batch_dropped", member=self.index, error=str(exc))
                 return False
             raise _TransientError(f"event store did not commit the batch: {exc}") from exc
+        self._release(prepared)
         self._committed(prepared)
         return True
 
@@ -609,7 +641,56 @@ class _Member:
     def _prepare(self, batch: list[Any]) -> _Prepared:
         started = time.perf_counter()
         processor = self.processor
-        table, rejected = self._decode(batch)
+        table, sealed, rejected = self._decode(batch)
+        lease: int | None = None
+        try:
+            table, lease, counts = self._open_pii(table, sealed)
+            prepared = self._prepare_rest(batch, table, rejected, started, lease)
+            prepared.pii_counts = counts
+            return prepared
+        except BaseException:
+            if lease is not None and processor.pii is not None:
+                processor.pii.cipher.keys.release_lease(lease)
+            raise
+
+    def _open_pii(
+        self, table: pa.Table, sealed: pa.Table
+    ) -> tuple[pa.Table, int | None, dict[str, int]]:
+        """The batch with its sealed PII opened (or removed), the lease taken, counts."""
+        processor = self.processor
+        if sealed.num_rows == 0 or not any(sealed.column("pii_key_ids").to_pylist()):
+            return table, None, {}
+        if processor.pii is None:
+            # A processor without the key store cannot open them: the rows are stored
+            # without PII (their clear id columns are empty), never lost.
+            count = sum(1 for k in sealed.column("pii_key_ids").to_pylist() if k)
+            log.warning("sealed_pii_without_key_store", events=count)
+            return table, None, {"sealed_events": count, "anonymised_events": count}
+        keys = processor.pii.cipher.keys
+        lease = keys.acquire_lease()
+        try:
+            result = processor.pii.open_table(table, sealed)
+        except BaseException:
+            keys.release_lease(lease)
+            raise
+        if result.unreadable_events:
+            log.warning("sealed_pii_unreadable", events=result.unreadable_events)
+        counts = {
+            "sealed_events": result.sealed_events,
+            "anonymised_events": result.anonymised_events,
+            "unreadable_pii_events": result.unreadable_events,
+        }
+        return result.table, lease, counts
+
+    def _prepare_rest(
+        self,
+        batch: list[Any],
+        table: pa.Table,
+        rejected: list[tuple[Any, str, int | None]],
+        started: float,
+        lease: int | None,
+    ) -> _Prepared:
+        processor = self.processor
         now = time.time()
         keys = list(
             zip(
@@ -634,7 +715,7 @@ class _Member:
             StreamOffset(self.config.topic, partition, self.positions.get(partition), offset)
             for partition, offset in sorted(next_offsets.items())
         ]
-        return _Prepared(table, keys, offsets, next_offsets, duplicates, started, now)
+        return _Prepared(table, keys, offsets, next_offsets, duplicates, started, now, lease)
 
     def _committed(self, prepared: _Prepared) -> None:
         """After the store commit: Kafka's offsets (lag figures), live feed, counters."""
@@ -660,12 +741,16 @@ class _Member:
             batches=1,
             stored_events=prepared.table.num_rows,
             duplicate_events=prepared.duplicates,
+            **prepared.pii_counts,
         )
         processor.stats.last_commit_seconds = time.perf_counter() - prepared.started
         processor.stats.last_commit_at = time.time()
 
-    def _decode(self, batch: list[Any]) -> tuple[pa.Table, list[tuple[Any, str, int | None]]]:
-        """Rows of the decodable, valid records; (message, reason, schema id) of the rest."""
+    def _decode(
+        self, batch: list[Any]
+    ) -> tuple[pa.Table, pa.Table, list[tuple[Any, str, int | None]]]:
+        """Rows of the decodable, valid records and their sealed-PII columns;
+        (message, reason, schema id) of the rest."""
         rejected: list[tuple[Any, str, int | None]] = []
         by_schema: dict[int, list[int]] = {}
         values: list[bytes] = []
@@ -680,6 +765,7 @@ class _Member:
             schema_id = int.from_bytes(value[1:HEADER_SIZE], "big")
             by_schema.setdefault(schema_id, []).append(index)
         tables: list[pa.Table] = []
+        sealed: list[pa.Table] = []
         for schema_id, indices in by_schema.items():
             try:
                 writer = self.processor.schemas.get(schema_id)
@@ -698,8 +784,10 @@ class _Member:
                     bodies, writer.parsed, self.processor.schemas.reader_schema
                 )
             tables.append(decoded.table)
+            sealed.append(decoded.sealed)
             rejected.extend(
                 (batch[indices[i]], reason, schema_id) for i, reason in decoded.rejected
             )
         table = pa.concat_tables(tables) if tables else EVENT_ARROW_SCHEMA.empty_table()
-        return table, rejected
+        seals = pa.concat_tables(sealed) if sealed else SEALED_SCHEMA.empty_table()
+        return table, seals, rejected

@@ -105,6 +105,36 @@ class WriterSchemas:
             return found
 
 
+class PersonalFieldsById:
+    """Names of the properties an event definition marks personal, by the definition's
+    registry id (the event's `schema_id`); fetched once per id (ids are immutable).
+    For the Kafka log's PII sealer (services/streaming/pii.py). 0 = no definition."""
+
+    def __init__(self, registry_url: str, token: str | None) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self._client = SchemaRegistryClient(registry_client_conf(registry_url, token))
+        self._by_id: dict[int, frozenset[str]] = {0: frozenset()}
+        self._lock = threading.Lock()
+
+    def __call__(self, schema_id: int) -> frozenset[str]:
+        found = self._by_id.get(schema_id)
+        if found is not None:
+            return found
+        from services.ingestion.definitions import personal_fields_of
+
+        with self._lock:
+            try:
+                schema = self._client.get_schema(schema_id)
+            except Exception as exc:  # the append fails UNAVAILABLE and is retried
+                raise RegistryUnavailableError(
+                    f"definition schema id {schema_id} (personal fields): {exc}"
+                ) from exc
+            found = personal_fields_of(_loads(schema.schema_str))
+            self._by_id[schema_id] = found
+            return found
+
+
 def _loads(text: str | None) -> Any:
     import json
 
@@ -116,6 +146,7 @@ def _loads(text: str | None) -> Any:
 __all__ = [
     "ENVELOPE_SCHEMA",
     "EnvelopeSchemaId",
+    "PersonalFieldsById",
     "RegistryUnavailableError",
     "UnknownSchemaError",
     "WriterSchema",

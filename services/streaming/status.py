@@ -190,6 +190,16 @@ def observe_processor(
             "Records sent to the dead-letter topic",
         ),
         ("bilten_processor_duplicate_events", "duplicate_events", "Events dropped as duplicates"),
+        (
+            "bilten_processor_anonymised_events",
+            "anonymised_events",
+            "Sealed events stored without PII: their subject key was destroyed (erasure)",
+        ),
+        (
+            "bilten_processor_unreadable_pii_events",
+            "unreadable_pii_events",
+            "Sealed events stored without PII: their ciphertext did not open",
+        ),
     ):
 
         def callback(_: CallbackOptions, attribute: str = attribute) -> Iterable[Observation]:

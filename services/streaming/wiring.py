@@ -3,7 +3,10 @@
 - every Kafka process: the topic layout (created at start if missing), the envelope's
   registry id, the producer (`KafkaEventLog`) and the lag reader for `GetPipelineStatus`;
 - the process that owns the event store (`up --event-log kafka`, `serve processor`):
-  the stream processor and the live feed it publishes to.
+  the stream processor and the live feed it publishes to;
+- with `crypto_shredding`: the subject key store of the data dir
+  (`subject_keys.sqlite3`), sealing PII in the producer, opening it in the processor and
+  destroyed by erasure (`Mesh.compliance_domain`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from services.compliance.pii_cipher import PiiCipher
+from services.compliance.subject_keys import SubjectKeyStore
+from services.platform.secrets_file import load_secrets
 from services.platform.settings import PlatformSettings
 from services.storage.event_store import DuckDBEventStore
 from services.streaming.kafka_log import KafkaEventLog
 from services.streaming.live import LiveFeed
+from services.streaming.pii import PiiOpener, PiiSealer
 from services.streaming.processor import ProcessorConfig, StreamProcessor
-from services.streaming.schemas import EnvelopeSchemaId, WriterSchemas
+from services.streaming.schemas import EnvelopeSchemaId, PersonalFieldsById, WriterSchemas
 from services.streaming.status import KafkaPipelineStatus, observe_processor
 from services.streaming.topics import TopicLayout, build_layout
 
@@ -59,11 +66,21 @@ class KafkaStreaming:
     status: KafkaPipelineStatus
     live_feed: LiveFeed = field(default_factory=LiveFeed)
     processor: StreamProcessor | None = None
+    subject_keys: SubjectKeyStore | None = None  # crypto-shredding on
 
     @classmethod
     def open(cls, settings: PlatformSettings, registry_token: str) -> KafkaStreaming:
         layout = topic_layout(settings)
         token = settings.schema_registry_token or registry_token
+        subject_keys = None
+        sealer = None
+        if settings.crypto_shredding:
+            subject_keys = SubjectKeyStore.in_data_dir(
+                settings.data_dir, load_secrets(settings).subject_key_encryption_key
+            )
+            sealer = PiiSealer(
+                PiiCipher(subject_keys), PersonalFieldsById(settings.registry_url, token)
+            )
         event_log = KafkaEventLog(
             bootstrap=settings.kafka_bootstrap_servers,
             layout=layout,
@@ -71,6 +88,7 @@ class KafkaStreaming:
             append_timeout_seconds=settings.kafka_append_timeout_seconds,
             max_pending_events=settings.max_pending_events,
             client_config=dict(settings.kafka_client_config),
+            pii=sealer,
         )
         status = KafkaPipelineStatus(
             settings.kafka_bootstrap_servers,
@@ -79,7 +97,7 @@ class KafkaStreaming:
             dict(settings.kafka_client_config),
             pending=lambda: event_log.pending_events,
         )
-        return cls(settings, token, event_log, status)
+        return cls(settings, token, event_log, status, subject_keys=subject_keys)
 
     async def start(self) -> None:
         """Topics and the envelope id; a broker or registry that is not up yet is logged
@@ -95,6 +113,7 @@ class KafkaStreaming:
             store,
             WriterSchemas(self.settings.registry_url, self.registry_token),
             self.live_feed,
+            pii=None if self.subject_keys is None else PiiOpener(PiiCipher(self.subject_keys)),
         )
         await asyncio.to_thread(processor.start)
         observe_processor(processor.lag, lambda: processor.stats, processor.config.topic)
@@ -107,3 +126,5 @@ class KafkaStreaming:
         if self.processor is not None:
             await asyncio.to_thread(self.processor.stop)
         await self.event_log.close()
+        if self.subject_keys is not None:
+            self.subject_keys.close()

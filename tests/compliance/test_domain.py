@@ -4,6 +4,7 @@ enforcement on real stores, the metadata store's v1 → v2 upgrade."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,17 +18,25 @@ from services.events.model import TrackedEvent, TrackedEventType
 from services.platform.auth import Authenticator, TokenIssuer
 from services.platform.errors import AnalyticsError, CredentialError
 from services.storage.event_store import DuckDBEventStore
-from services.storage.metadata_store import RetentionDays, SQLiteMetadataStore
+from services.storage.metadata_store import MetadataStore, RetentionDays, SQLiteMetadataStore
+from tests.storage.metadata_backends import MetadataBackend, metadata_backend
+
+__all__ = ["metadata_backend"]  # the fixture, imported for pytest
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteMetadataStore:
-    return SQLiteMetadataStore(tmp_path / "metadata.sqlite3")
+def store(metadata_backend: MetadataBackend) -> Iterator[MetadataStore]:
+    """Each test on SQLite and on PostgreSQL (when BILTEN_TEST_POSTGRES_DSN is set)."""
+    opened = metadata_backend.open()
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
-def test_consent_rules(store: SQLiteMetadataStore) -> None:
+def test_consent_rules(store: MetadataStore) -> None:
     registry = ConsentRegistry(store)
     assert registry.allows_analytics("t", "u1", "")  # assumed by default
     assert registry.allows_analytics("t", "", "")  # no subject: nothing to consent
@@ -78,9 +87,7 @@ def _event(tenant: str, n: int, age: timedelta) -> TrackedEvent:
     )
 
 
-def test_retention_enforcement_dry_run_then_apply(
-    tmp_path: Path, store: SQLiteMetadataStore
-) -> None:
+def test_retention_enforcement_dry_run_then_apply(tmp_path: Path, store: MetadataStore) -> None:
     with DuckDBEventStore(tmp_path / "events.duckdb") as events:
         events.append(
             [
@@ -138,7 +145,7 @@ class _FlakyRows:
         return 3, 1
 
 
-def test_erasure_failure_is_recorded_and_a_retry_finishes(store: SQLiteMetadataStore) -> None:
+def test_erasure_failure_is_recorded_and_a_retry_finishes(store: MetadataStore) -> None:
     rows = _FlakyRows()
     service = ErasureService(store, rows, ConsentRegistry(store), ["Kafka topic events"])
     failed = service.create("t", "req-1", "kim")
@@ -154,7 +161,7 @@ def test_erasure_failure_is_recorded_and_a_retry_finishes(store: SQLiteMetadataS
         service.create("t", "req-1", "someone-else")
 
 
-def test_single_use_tokens_need_a_store_and_burn_once(store: SQLiteMetadataStore) -> None:
+def test_single_use_tokens_need_a_store_and_burn_once(store: MetadataStore) -> None:
     issuer = TokenIssuer("k" * 40, "iss", "aud")
     token = issuer.issue("o", "t", frozenset({"compliance:write"}), single_use=True)
     with pytest.raises(CredentialError):

@@ -491,3 +491,88 @@ def test_value_toggles_render_valid_objects(staged_chart: Path, name: str) -> No
         }
         assert "envoyproxy/envoy:v1.36.2" in images
         assert f"ghcr.io/bilten/bilten-analytics@sha256:{'a' * 64}" in images
+
+
+REDIS_SHAPES = {
+    "no-redis": ({}, ""),
+    "external": (
+        {"externalRedis.url": "redis://cache.data:6379/2", "externalRedis.password": "p@ss"},
+        "redis://cache.data:6379/2",
+    ),
+    "subchart": (
+        {"redis.enabled": True},
+        f"redis://{tools.RELEASE}-redis-master.{tools.NAMESPACE}.svc.cluster.local:6379/0",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDIS_SHAPES))
+def test_ingestion_shares_its_rate_limit_through_redis(staged_chart: Path, name: str) -> None:
+    """Only ingestion reads Redis (BILTEN_REDIS_URL); the password comes from the Secret."""
+    sets, url = REDIS_SHAPES[name]
+    objects = tools.helm_template(staged_chart, sets=sets)
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    for component in GRPC_COMPONENTS:
+        deployment = next(
+            o
+            for o in objects
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{tools.RELEASE}-{component}"
+        )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        if component != "ingestion" or not url:
+            assert "BILTEN_REDIS_URL" not in env and "BILTEN_REDIS_PASSWORD" not in env
+            continue
+        assert env["BILTEN_REDIS_URL"]["value"] == url
+        ref = env["BILTEN_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], "redis-password")
+        assert "redis-password" in secret["data"]
+        if name == "external":
+            assert base64.b64decode(secret["data"]["redis-password"]).decode() == "p@ss"
+
+
+METADATA_SHAPES = {
+    "no-postgresql": ({}, None),
+    "external": (
+        {"externalPostgresql.host": "db.example", "externalPostgresql.password": "p@ss word/1"},
+        ("db.example", "bilten_metadata"),
+    ),
+    "subchart-default-schema": (
+        {"postgresql.enabled": True, "metadataStore.schema": ""},
+        (f"{tools.RELEASE}-postgresql.{tools.NAMESPACE}.svc.cluster.local", ""),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METADATA_SHAPES))
+def test_services_share_the_metadata_store_on_postgresql(staged_chart: Path, name: str) -> None:
+    """With PostgreSQL every platform workload (not Envoy) reads BILTEN_METADATA_STORE_URL
+    from the Secret: one metadata database for all pods, the password never inline."""
+    sets, expected = METADATA_SHAPES[name]
+    objects = tools.helm_template(staged_chart, sets=sets)
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    readers = set()
+    for workload in tools.workloads(objects):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            if "BILTEN_METADATA_STORE_URL" not in env:
+                continue
+            item = env["BILTEN_METADATA_STORE_URL"]
+            assert "value" not in item
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], "metadata-store-url")
+            readers.add(workload["metadata"]["labels"]["app.kubernetes.io/component"])
+    if expected is None:
+        assert not readers and "metadata-store-url" not in secret["data"]
+        return
+    assert readers >= {*GRPC_COMPONENTS, "schema-registry"}
+    assert "gateway" not in readers
+    import psycopg.conninfo
+
+    url = base64.b64decode(secret["data"]["metadata-store-url"]).decode()
+    parsed = psycopg.conninfo.conninfo_to_dict(url)
+    host, schema = expected
+    assert parsed["host"] == host and parsed["dbname"] == "bilten"
+    assert parsed.get("options", "") == (f"-csearch_path={schema}" if schema else "")
+    if name == "external":
+        assert parsed["password"] == "p@ss word/1"

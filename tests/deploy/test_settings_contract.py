@@ -96,6 +96,7 @@ def _fake_secret_value(key: str) -> str:
     """A valid value for a key of an existing (not rendered) Secret."""
     return {
         "schema-registry-storage": "postgresql://bilten:x@db:5432/bilten",
+        "metadata-store-url": "postgresql://bilten:x@db:5432/bilten?options=-csearch_path%3Dm",
         "kafka-client-config": '{"security.protocol": "SASL_SSL"}',
     }.get(key, "k" * 40)
 

@@ -197,4 +197,9 @@ EXISTING_SECRET_KEYS = (
     "postgresql-password",
 )
 # Keys read when present (secretKeyRef optional: true).
-OPTIONAL_SECRET_KEYS = ("schema-registry-token", "kafka-client-config", "redis-password")
+OPTIONAL_SECRET_KEYS = (
+    "schema-registry-token",
+    "kafka-client-config",
+    "redis-password",
+    "metadata-store-url",
+)

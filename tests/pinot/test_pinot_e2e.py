@@ -38,7 +38,9 @@ TOTAL = 1200
 
 def count(cluster: PinotCluster, table: str) -> int:
     body = httpx.post(
-        f"{cluster.broker_url}/query/sql", json={"sql": f"SELECT COUNT(*) FROM {table}"}
+        f"{cluster.broker_url}/query/sql",
+        json={"sql": f"SELECT COUNT(*) FROM {table}"},
+        timeout=60,  # the first count of a new table can be slow on a loaded machine
     ).json()
     rows = body.get("resultTable", {}).get("rows")
     return int(rows[0][0]) if rows else -1
@@ -135,8 +137,9 @@ def test_pinot_backend_answers_as_the_duckdb_backend(
             (r.bucket_start, r.conversions) for r in want
         ]
         for g, w in zip(got, want, strict=True):
-            # HyperLogLog: within a few percent (and +-2 for the small buckets here).
-            assert abs(g.active_users - w.active_users) <= max(2, 0.1 * w.active_users)
+            # HyperLogLog (log2m=8): ~6.5 % standard error, so 3 sigma is ~20 % (and +-3
+            # for the small buckets here); 10 % failed once, 33 for 37 in a minute bucket.
+            assert abs(g.active_users - w.active_users) <= max(3, 0.2 * w.active_users)
 
 
 def test_users_hll_estimates_and_exact_smart_hll(
@@ -147,7 +150,7 @@ def test_users_hll_estimates_and_exact_smart_hll(
     for scope in (metrics.Scope.tenant("tenant_a"), metrics.Scope.all_tenants()):
         exact = metrics.active_users(store, scope, window, metrics.Granularity.DAY)
         estimate = pinot.active_users(scope, window, metrics.Granularity.DAY)
-        assert abs(estimate.mau - exact.mau) <= max(2, 0.1 * exact.mau)
+        assert abs(estimate.mau - exact.mau) <= max(3, 0.2 * exact.mau)
         smart = PinotMetrics(pinot._broker_url, pinot.table, distinct="DISTINCTCOUNTSMARTHLL")
         assert smart.active_users(scope, window, metrics.Granularity.DAY) == exact
         geo = smart.geography(scope, window)

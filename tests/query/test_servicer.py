@@ -66,6 +66,7 @@ async def client(store: DuckDBEventStore, tmp_path: Path) -> AsyncIterator[Clien
     servicer = QueryServicer(
         store, reports_path=tmp_path / "metadata.sqlite3", scheduler_tick_seconds=0.2
     )
+    servicer.start_background()
     server, port, _ = await start_grpc_server(
         [
             Registration(

@@ -210,3 +210,59 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="v99"):
         DuckDBEventStore(path)
+
+
+def test_actor_key_answers_from_committed_actors_and_forgets_erased_ones(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.duckdb"
+    with DuckDBEventStore(path) as store:
+        store.append([event("1", user_id="ann"), event("2", user_id="", anonymous_id="ann")])
+        store.append([event("3", tenant_id="globex", user_id="ann")])
+        assert store.actor_key("acme", "u:ann") == 0
+        assert store.actor_key("acme", "a:ann") == 1
+        assert store.actor_key("globex", "u:ann") == 0
+        assert store.actor_key("acme", "u:bob") is None
+        assert store.actor_key("nobody", "u:ann") is None
+        store.erase_subject("acme", "ann")
+        assert store.actor_key("acme", "u:ann") is None
+        assert store.actor_key("globex", "u:ann") == 0  # another tenant's person
+    with DuckDBEventStore(path) as store:  # the same answers from the reloaded map
+        assert store.actor_key("acme", "u:ann") is None
+        assert store.actor_key("globex", "u:ann") == 0
+
+
+def test_reader_is_a_cursor_that_close_waits_for(tmp_path: Path) -> None:
+    store = DuckDBEventStore(tmp_path / "events.duckdb")
+    store.append([event("1")])
+    inside = threading.Event()
+    leave = threading.Event()
+    closed = threading.Event()
+    seen: list[object] = []
+
+    def read_slowly() -> None:
+        with store.reader() as cursor:
+            inside.set()
+            leave.wait(10)
+            # Still usable: close() has not closed the connection under us.
+            seen.append(cursor.execute("SELECT count(*) FROM tracked_events").fetchone())
+
+    def close() -> None:
+        store.close()
+        closed.set()
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=close)
+    closer.start()
+    # close() waits while the reader's block is open...
+    assert not closed.wait(0.3)
+    leave.set()
+    reader.join(10)
+    # ...and finishes once it ended.
+    assert closed.wait(10)
+    closer.join(10)
+    assert seen == [(1,)]
+    with pytest.raises(RuntimeError, match="closed"):
+        store.reader().__enter__()

@@ -1,4 +1,5 @@
-"""SQLiteMetadataStore on real files: tenants, API keys, quarantine paging, durability."""
+"""The metadata store on both backends (SQLite files, PostgreSQL): tenants, API keys,
+quarantine paging, concurrent writers; SQLite durability."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from services.storage.metadata_store import (
@@ -19,10 +21,14 @@ from services.storage.metadata_store import (
     AlreadyExistsError,
     ApiKeyRecord,
     InvalidPageTokenError,
+    MetadataStore,
     QuarantineEntry,
     SQLiteMetadataStore,
     Tenant,
 )
+from tests.storage.metadata_backends import MetadataBackend, metadata_backend
+
+__all__ = ["metadata_backend"]  # the fixture, imported for pytest
 
 pytestmark = pytest.mark.integration
 
@@ -48,14 +54,17 @@ def entry(n: int, tenant_id: str = "acme", *, at: datetime | None = None) -> Qua
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteMetadataStore]:
-    with SQLiteMetadataStore(tmp_path / "metadata.sqlite3") as s:
+def store(metadata_backend: MetadataBackend) -> Iterator[MetadataStore]:
+    s = metadata_backend.open()
+    try:
         s.create_tenant(Tenant("acme", "ACME Concerts", T0))
         s.create_tenant(Tenant("globex", "Globex Live", T0))
         yield s
+    finally:
+        s.close()
 
 
-def test_tenants(store: SQLiteMetadataStore) -> None:
+def test_tenants(store: MetadataStore) -> None:
     assert store.get_tenant("acme") == Tenant("acme", "ACME Concerts", T0)
     assert store.get_tenant("nope") is None
     assert [t.tenant_id for t in store.list_tenants()] == ["acme", "globex"]
@@ -63,7 +72,7 @@ def test_tenants(store: SQLiteMetadataStore) -> None:
         store.create_tenant(Tenant("acme", "again", T0))
 
 
-def test_api_keys_are_found_by_hash_and_revoked(store: SQLiteMetadataStore) -> None:
+def test_api_keys_are_found_by_hash_and_revoked(store: MetadataStore) -> None:
     key = ApiKeyRecord("k1", "acme", secret_hash("s3cret"), frozenset({"events:write"}), T0)
     store.add_api_key(key)
     store.add_api_key(ApiKeyRecord("k2", "globex", secret_hash("other"), frozenset(), T0))
@@ -71,8 +80,9 @@ def test_api_keys_are_found_by_hash_and_revoked(store: SQLiteMetadataStore) -> N
     assert store.find_api_key_by_hash(secret_hash("wrong")) is None
     assert store.find_api_key("k1") == key
     assert [k.key_id for k in store.list_api_keys("acme")] == ["k1"]
-    # The secret itself is nowhere in the file.
-    assert b"s3cret" not in (store.path.read_bytes() + _wal_bytes(store.path))
+    if isinstance(store, SQLiteMetadataStore):
+        # The secret itself is nowhere in the file.
+        assert b"s3cret" not in (store.path.read_bytes() + _wal_bytes(store.path))
     with pytest.raises(AlreadyExistsError):
         store.add_api_key(ApiKeyRecord("k3", "acme", secret_hash("s3cret"), frozenset(), T0))
     with pytest.raises(LookupError):
@@ -90,9 +100,7 @@ def _wal_bytes(path: Path) -> bytes:
     return wal.read_bytes() if wal.exists() else b""
 
 
-def _all_pages(
-    store: SQLiteMetadataStore, tenant_id: str, page_size: int
-) -> list[list[QuarantineEntry]]:
+def _all_pages(store: MetadataStore, tenant_id: str, page_size: int) -> list[list[QuarantineEntry]]:
     pages, token = [], ""
     while True:
         page, token = store.list_quarantined(tenant_id, page_size, token)
@@ -102,7 +110,7 @@ def _all_pages(
 
 
 def test_quarantine_pages_are_complete_ordered_and_tenant_scoped(
-    store: SQLiteMetadataStore,
+    store: MetadataStore,
 ) -> None:
     store.add_quarantined([entry(n) for n in range(250)])
     store.add_quarantined([entry(n, "globex") for n in range(1000, 1030)])
@@ -119,7 +127,7 @@ def test_quarantine_pages_are_complete_ordered_and_tenant_scoped(
     assert [len(p) for p in _all_pages(store, "globex", 30)] == [30]
 
 
-def test_pages_stay_stable_while_entries_arrive(store: SQLiteMetadataStore) -> None:
+def test_pages_stay_stable_while_entries_arrive(store: MetadataStore) -> None:
     store.add_quarantined([entry(n) for n in range(100)])
     first, token = store.list_quarantined("acme", 30, "")
     # Newer entries arrive between page requests: no duplicates, nothing skipped.
@@ -132,7 +140,7 @@ def test_pages_stay_stable_while_entries_arrive(store: SQLiteMetadataStore) -> N
     assert len(ids) == len(set(ids)) == 100
 
 
-def test_page_size_and_token_rules(store: SQLiteMetadataStore) -> None:
+def test_page_size_and_token_rules(store: MetadataStore) -> None:
     store.add_quarantined([entry(n) for n in range(1200)])
     assert len(store.list_quarantined("acme", 0, "")[0]) == 100  # default
     assert len(store.list_quarantined("acme", 5000, "")[0]) == MAX_PAGE_SIZE  # coerced
@@ -146,7 +154,7 @@ def test_page_size_and_token_rules(store: SQLiteMetadataStore) -> None:
             store.list_quarantined("acme", 10, garbage)
 
 
-def test_get_and_delete_only_touch_the_callers_tenant(store: SQLiteMetadataStore) -> None:
+def test_get_and_delete_only_touch_the_callers_tenant(store: MetadataStore) -> None:
     store.add_quarantined([entry(n) for n in range(10)] + [entry(50, "globex")])
     found = store.get_quarantined("acme", ["q00001", "q00002", "q00050", "missing"])
     assert sorted(found) == ["q00001", "q00002"]
@@ -158,14 +166,15 @@ def test_get_and_delete_only_touch_the_callers_tenant(store: SQLiteMetadataStore
     assert [e.quarantined_event_id for e in store.list_quarantined("acme", 10, "")[0]] == ["q00000"]
 
 
-def test_add_quarantined_is_all_or_nothing(store: SQLiteMetadataStore) -> None:
+def test_add_quarantined_is_all_or_nothing(store: MetadataStore) -> None:
     store.add_quarantined([entry(1)])
-    with pytest.raises(sqlite3.IntegrityError):
+    # The driver's integrity error, as before (callers never reuse ids: they are uuid4).
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.add_quarantined([entry(2), entry(1)])  # duplicate id in the batch
     assert list(store.get_quarantined("acme", ["q00001", "q00002"])) == ["q00001"]
 
 
-def test_concurrent_writers_from_threads(store: SQLiteMetadataStore) -> None:
+def test_concurrent_writers_from_threads(store: MetadataStore) -> None:
     def write(worker: int) -> None:
         for batch in range(10):
             store.add_quarantined([entry(worker * 1000 + batch * 10 + i) for i in range(10)])

@@ -207,3 +207,45 @@ async def test_rate_limit_refuses_the_whole_call_with_retry_advice() -> None:
     # Another key has its own bucket.
     await pipeline.ingest("t1", "key-b", [_event()], "events")
     assert len(log.events) == 6
+
+
+async def test_revenue_the_store_cannot_hold_rejects_only_that_event() -> None:
+    """The store keeps DECIMAL(18,6): more decimals or more magnitude would fail the whole
+    batch's append, so each such event is refused on its own, naming the Money field."""
+    pipeline, log, quarantine = _pipeline()
+
+    def paid(revenue: str) -> IncomingEvent:
+        return _event(revenue=Decimal(revenue), currency="EUR")
+
+    outcomes = await pipeline.ingest(
+        "t1",
+        "key",
+        [
+            paid("12.345678"),
+            paid("1.0000001"),  # a seventh decimal place
+            paid("999999999999.999999"),  # the largest DECIMAL(18,6)
+            paid("1000000000000"),
+            paid("0.000000001"),  # one nano
+        ],
+        "events",
+    )
+    assert [o.status for o in outcomes] == [
+        IngestStatus.ACCEPTED,
+        IngestStatus.REJECTED,
+        IngestStatus.ACCEPTED,
+        IngestStatus.REJECTED,
+        IngestStatus.REJECTED,
+    ]
+    rejected = {o.field_path: o for o in outcomes if o.status is IngestStatus.REJECTED}
+    assert set(rejected) == {
+        "events[1].ticketing.revenue.nanos",
+        "events[3].ticketing.revenue.units",
+        "events[4].ticketing.revenue.nanos",
+    }
+    assert all(o.rejection_reason is RejectionReason.INVALID_FIELD for o in rejected.values())
+    assert "more than 6 decimal places" in rejected["events[1].ticketing.revenue.nanos"].message
+    assert [e.revenue for e in log.events] == [
+        Decimal("12.345678"),
+        Decimal("999999999999.999999"),
+    ]
+    assert len(quarantine.entries) == 3

@@ -137,8 +137,69 @@ prediction: bilten.analytics.prediction.v1.PredictionService
 {{- end -}}
 {{- end -}}
 
+{{/* Redis URL: the subchart's master Service, or the external URL; empty: no Redis. */}}
+{{- define "bilten.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis-master.%s.svc.%s:6379/0" .Release.Name .Release.Namespace .Values.clusterDomain -}}
+{{- else -}}
+{{- .Values.externalRedis.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Redis of the ingestion rate limit, shared by the replicas (an HPA scales ingestion; buckets in
+each pod would multiply the limit by the replica count). The password stays in the Secret
+(key redis-password, optional: Redis may run without one) instead of inside the URL, which is
+logged and shown by `kubectl describe`. Args: root.
+*/}}
+{{- define "bilten.redisEnv" -}}
+{{- with (include "bilten.redisUrl" .root) }}
+- name: BILTEN_REDIS_URL
+  value: {{ . | quote }}
+- name: BILTEN_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "bilten.secretName" $.root }}
+      key: redis-password
+      optional: true
+{{- end }}
+{{- end -}}
+
 {{- define "bilten.postgresEnabled" -}}
 {{- if or .Values.postgresql.enabled .Values.externalPostgresql.host -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+libpq URL of the configured PostgreSQL (subchart or external), for the Secret only: it carries
+the password. Args: root, password, schema (optional: becomes the connection's search_path, so
+the metadata store's tables live in a schema of their own next to the registry's).
+*/}}
+{{- define "bilten.postgresUrl" -}}
+{{- $root := .root -}}
+{{- $pg := $root.Values.externalPostgresql -}}
+{{- $user := ternary $root.Values.postgresql.auth.username $pg.username $root.Values.postgresql.enabled -}}
+{{- $database := ternary $root.Values.postgresql.auth.database $pg.database $root.Values.postgresql.enabled -}}
+{{- $port := ternary 5432 (int $pg.port) $root.Values.postgresql.enabled -}}
+{{- $url := printf "postgresql://%s:%s@%s:%d/%s?sslmode=%s" (urlquery $user | replace "+" "%20") (urlquery .password | replace "+" "%20") (include "bilten.postgresHost" $root) (int $port) $database $pg.sslMode -}}
+{{- with .schema }}{{ $url = printf "%s&options=%s" $url (printf "-csearch_path=%s" . | urlquery) }}{{ end -}}
+{{- $url -}}
+{{- end -}}
+
+{{/*
+The platform metadata (tenants, API keys, consent, audit log, ...) on PostgreSQL, shared by every
+pod (services/storage/postgres_metadata_store.py). From the Secret (key metadata-store-url): the
+URL carries the password. Optional there: an existing Secret without the key leaves each pod on
+SQLite in its data dir (values.yaml metadataStore). Args: root.
+*/}}
+{{- define "bilten.metadataStoreEnv" -}}
+{{- if or (include "bilten.postgresEnabled" .root) .root.Values.secrets.existingSecret }}
+- name: BILTEN_METADATA_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "bilten.secretName" .root }}
+      key: metadata-store-url
+      optional: true
+{{- end }}
 {{- end -}}
 
 {{- define "bilten.schemaRegistryUrl" -}}
@@ -238,6 +299,7 @@ against those settings. `bilten.coreEnv` is what every process needs (the regist
     secretKeyRef:
       name: {{ include "bilten.secretName" $root }}
       key: ip-hash-key
+{{- include "bilten.metadataStoreEnv" . }}
 {{- end -}}
 
 {{- define "bilten.platformEnv" -}}
