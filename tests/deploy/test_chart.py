@@ -576,3 +576,21 @@ def test_services_share_the_metadata_store_on_postgresql(staged_chart: Path, nam
     assert parsed.get("options", "") == (f"-csearch_path={schema}" if schema else "")
     if name == "external":
         assert parsed["password"] == "p@ss word/1"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_no_platform_process_writes_dev_credentials(
+    rendered: dict[str, tools.Rendered], shape: str
+) -> None:
+    """The one-machine default writes a dev tenant, write key and admin token to the data
+    dir; every platform container of the chart turns that off."""
+    seen = 0
+    for obj in tools.workloads(rendered[shape].objects):
+        for container in obj["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if "BILTEN_DATA_DIR" not in env:
+                continue  # Envoy
+            seen += 1
+            name = f"{shape} {obj['kind']}/{obj['metadata']['name']}/{container['name']}"
+            assert env.get("BILTEN_CREATE_DEV_CREDENTIALS") == "false", name
+    assert seen >= 6

@@ -280,6 +280,10 @@ against those settings. `bilten.coreEnv` is what every process needs (the regist
 {{- $p := $root.Values.platform -}}
 - name: BILTEN_DATA_DIR
   value: /var/lib/bilten
+{{- /* No dev tenant, write key or admin token written to the pod's disk: in a cluster,
+credentials come from the JWT issuer and the API key RPCs. */}}
+- name: BILTEN_CREATE_DEV_CREDENTIALS
+  value: "false"
 - name: BILTEN_JWT_ISSUER
   value: {{ $p.jwtIssuer | quote }}
 - name: BILTEN_JWT_AUDIENCE
