@@ -29,6 +29,7 @@ from services.aggregation.servicer import AggregationServicer
 from services.compliance.api_keys import ApiKeyManager
 from services.compliance.consent import ConsentMode, ConsentRegistry
 from services.compliance.erasure import ErasureService
+from services.compliance.erasure_hosts import ErasedSubjects, ErasureApplier, host_id
 from services.compliance.network import IpAllowlist
 from services.compliance.retention import RetentionJob, RetentionPolicies
 from services.compliance.servicer import ComplianceDomain, ComplianceServicer
@@ -68,6 +69,7 @@ from services.storage.metadata_store import (
     Tenant,
     open_metadata_store,
 )
+from services.storage.postgres_metadata_store import PostgresMetadataStore
 from services.streaming.live import LiveFeed
 from services.streaming.status import EmbeddedPipelineStatus, PipelineStatusSource
 from services.streaming.wiring import KafkaStreaming
@@ -99,6 +101,7 @@ class Mesh:
     # Where metric reads are answered: the event store or Pinot (settings.query_backend).
     metric_backend: MetricBackend | None = None
     retention_job: RetentionJob | None = None  # set by start() where it runs
+    erasure_applier: ErasureApplier | None = None  # set by start() on a processor host
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -275,6 +278,9 @@ class Mesh:
                 elsewhere,
                 after_erase=self._drop_cached_results,
                 keys=self.streaming.subject_keys if self.streaming is not None else None,
+                # Cluster shape: the processor hosts apply it to their stores themselves.
+                hosts=self._shared_erasures(),
+                hosts_bound=timedelta(seconds=settings.erasure_apply_interval_seconds),
             ),
             events=self.event_store,
             retention=RetentionPolicies(self.metadata),
@@ -285,7 +291,7 @@ class Mesh:
             allowlist=IpAllowlist(settings.sensitive_ip_allowlist, settings.trust_forwarded_for),
         )
 
-    def _start_retention_job(self, services: tuple[str, ...]) -> None:
+    async def _start_retention_job(self, services: tuple[str, ...]) -> None:
         """Scheduled raw retention where this process writes the event store: the
         embedded process serving ingestion, or a stream processor host with Kafka."""
         interval = self.settings.retention_enforce_interval_seconds
@@ -296,15 +302,49 @@ class Mesh:
         )
         if not interval or not writes_store or self.audit is None:
             return
+        maintainer = self.aggregation.maintainer if self.aggregation is not None else None
         job = RetentionJob(
             RetentionPolicies(self.metadata),
             self.event_store,
             self.audit,
             timedelta(seconds=interval),
+            before_delete=maintainer.flush if maintainer is not None else None,
         )
-        job.start()
+        await job.start()
         self.retention_job = job
         self._closers.append(job.aclose)
+
+    def _shared_erasures(self) -> PostgresMetadataStore | None:
+        """The metadata store every processor host applies erasures from: with Kafka each
+        host holds its own event store copy (services/compliance/erasure_hosts.py)."""
+        if self.streaming is not None and isinstance(self.metadata, PostgresMetadataStore):
+            return self.metadata
+        return None
+
+    async def _start_erasure_applier(self) -> ErasedSubjects | None:
+        """On a processor host of the cluster shape: the erased subjects loaded and the
+        pending erasures applied before the processor consumes, then the schedule."""
+        feed = self._shared_erasures()
+        if feed is None:
+            return None
+        settings = self.settings
+        applier = ErasureApplier(
+            feed,
+            self.event_store,
+            host_id(settings.processor_instance_id, settings.data_dir),
+            ErasedSubjects(),
+            timedelta(seconds=settings.erasure_apply_interval_seconds),
+            # Older events have left the topic: they cannot be consumed again.
+            lookback=timedelta(days=settings.raw_retention_days + 1),
+            keys=self.streaming.subject_keys if self.streaming is not None else None,
+            after_erase=self._drop_cached_results,
+        )
+        await asyncio.to_thread(applier.load)
+        await asyncio.to_thread(applier.apply_pending)
+        applier.start()
+        self.erasure_applier = applier
+        self._closers.append(applier.aclose)
+        return applier.erased
 
     def _drop_cached_results(self, tenant_id: str) -> None:
         if self.aggregation is not None:
@@ -317,8 +357,9 @@ class Mesh:
         if self.streaming is not None:
             await self.streaming.start()
             if any(name in PROCESSOR_HOSTS for name in services):
-                await self.streaming.start_processor(self.event_store)
-        self._start_retention_job(services)
+                erased = await self._start_erasure_applier()
+                await self.streaming.start_processor(self.event_store, erased)
+        await self._start_retention_job(services)
         registrations = self.registrations(tuple(name for name in services if name != "processor"))
         for registration in registrations:
             if isinstance(registration.servicer, PredictionServicer):

@@ -18,6 +18,13 @@ Copies outside the embedded stores (the Kafka topic, the Pinot table fed from it
   certificate names them NOT ERASED (until topic / table retention drops them);
 - without it, the certificate says NOT ERASED for each such copy rather than claiming it
   (docs/compliance.md).
+
+Cluster shape (`event_log=kafka` with the metadata on PostgreSQL, `hosts` given): this
+process deletes from *its own* event store only; each stream-processor host holds another
+copy and applies the DONE request from the shared metadata store itself
+(services/compliance/erasure_hosts.py), within `hosts_bound` while it runs. The certificate
+says exactly that, and `get` (and `create`) add one line per host that has applied it
+(time, rows deleted), read from `erasure_applications` at each call.
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
 
 from services.compliance.consent import ConsentRegistry
-from services.storage.metadata_store import ErasureRecord
+from services.storage.metadata_store import ErasureApplication, ErasureRecord
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +74,16 @@ class SubjectKeys(Protocol):
     def sealing_since(self) -> datetime: ...
 
 
+class HostApplications(Protocol):
+    """Which stream-processor hosts applied a request (PostgresMetadataStore)."""
+
+    def erasure_applications(self, erasure_request_id: str) -> list[ErasureApplication]: ...
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class ErasureService:
     def __init__(
         self,
@@ -76,6 +94,8 @@ class ErasureService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         after_erase: Callable[[str], None] = lambda tenant_id: None,
         keys: SubjectKeys | None = None,
+        hosts: HostApplications | None = None,
+        hosts_bound: timedelta = timedelta(seconds=5),
     ) -> None:
         self._store = store
         self._rows = rows
@@ -89,6 +109,9 @@ class ErasureService:
         self._after_erase = after_erase
         # Crypto-shredding: the subject keys sealing the copies in `copies_elsewhere`.
         self._keys = keys
+        # Cluster shape: the stream-processor hosts apply the request to their own stores.
+        self._hosts = hosts
+        self._hosts_bound = hosts_bound
 
     def create(self, tenant_id: str, request_id: str, subject_id: str) -> ErasureRecord:
         """Accepts the request and runs it; a retry with the same `request_id` returns
@@ -110,14 +133,28 @@ class ErasureService:
             # to erase the first subject again or the second one silently.
             raise ValueError("request_id was already used for another subject_id")
         if not created and record.state == "DONE":
-            return record
+            return self._with_hosts(record)
         self._run(record)
         stored = self._store.get_erasure(tenant_id, record.erasure_request_id)
         assert stored is not None
-        return stored
+        return self._with_hosts(stored)
 
     def get(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
-        return self._store.get_erasure(tenant_id, erasure_request_id)
+        record = self._store.get_erasure(tenant_id, erasure_request_id)
+        return None if record is None else self._with_hosts(record)
+
+    def _with_hosts(self, record: ErasureRecord) -> ErasureRecord:
+        """The stored certificate plus one line per processor host that applied it (read
+        now: hosts keep applying after the request is DONE)."""
+        if self._hosts is None or record.state != "DONE":
+            return record
+        lines = [
+            f"{_stamp(a.applied_at)} event store of stream-processor host {a.host_id}:"
+            f" {a.rows_deleted} rows deleted, {a.actors_unlinked} actor ids unlinked,"
+            " the tenant's cached results dropped"
+            for a in self._hosts.erasure_applications(record.erasure_request_id)
+        ]
+        return replace(record, certificate=record.certificate + tuple(lines))
 
     def _run(self, record: ErasureRecord) -> None:
         tenant_id, subject_id = record.tenant_id, record.subject_id
@@ -145,11 +182,14 @@ class ErasureService:
             )
             return
         finished = self._clock()
-        when = finished.strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = _stamp(finished)
+        # In the cluster shape this process's store is not the processors': say whose.
+        own = "this process's event store" if self._hosts is not None else "event store"
         lines = [
-            f"{when} event store (tracked_events): {rows} rows deleted"
+            f"{when} {own} (tracked_events): {rows} rows deleted"
             " (user_id or anonymous_id = subject)",
-            f"{when} event store (tenant_actors): {actors} actor ids unlinked",
+            f"{when} {own} (tenant_actors): {actors} actor ids unlinked",
+            *self._host_lines(when),
             f"{when} metadata store (quarantined_events): {removed_quarantine} entries deleted",
             f"{when} metadata store (consents): {consents} decisions deleted",
             f"{when} rollups (rollups.duckdb): aggregates kept; they hold the subject's"
@@ -160,6 +200,18 @@ class ErasureService:
             *self._elsewhere_lines(when, had_key, earlier),
         ]  # fmt: skip
         self._store.update_erasure(record.erasure_request_id, "DONE", finished, lines)
+
+    def _host_lines(self, when: str) -> list[str]:
+        if self._hosts is None:
+            return []
+        bound = int(self._hosts_bound.total_seconds())
+        return [
+            f"{when} stream-processor hosts' event stores: not erased by this process; each"
+            " host deletes the subject's rows, unlinks its actor id, drops the tenant's"
+            f" cached results and stops storing its events received before now, from this"
+            f" request in the shared metadata store, within about {bound} s while it runs"
+            " (at its next start otherwise); each host that has done so is listed below"
+        ]
 
     def _elsewhere_lines(self, when: str, had_key: bool, earlier: datetime | None) -> list[str]:
         if self._keys is None:

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.compliance.subject_keys import NONCE_BYTES, SubjectKey, SubjectKeyStore
+from services.compliance.subject_keys import NONCE_BYTES, BaseSubjectKeyStore, SubjectKey
 
 FORMAT_VERSION: Final = b"\x01"
 SEALED_FIELDS: Final = ("user_id", "anonymous_id", "ip_hash", "user_agent", "properties")
@@ -83,7 +83,7 @@ def _aad(tenant_id: str, event_id: str, field_name: str, key_ids: str) -> bytes:
 
 
 class PiiCipher:
-    def __init__(self, keys: SubjectKeyStore) -> None:
+    def __init__(self, keys: BaseSubjectKeyStore) -> None:
         self.keys = keys
 
     def seal(

@@ -111,12 +111,16 @@ class RetentionJob:
         audit: AuditSink,
         interval: timedelta,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        before_delete: Callable[[], object] | None = None,
     ) -> None:
         self._policies = policies
         self._rows = rows
         self._audit = audit
         self._interval = interval
         self._clock = clock
+        # The rollup flush, where rollups are kept: rows still marked dirty must be rolled
+        # up before they go, or the tiers that outlive raw would never count them.
+        self._before_delete = before_delete
         self._task: asyncio.Task[None] | None = None
         self.runs = 0
 
@@ -128,6 +132,8 @@ class RetentionJob:
         now = self._clock()
 
         def enforce() -> list[RetentionRun]:
+            if self._before_delete is not None:
+                self._before_delete()
             return self._policies.enforce(self._rows, self.tenants_with_rows(), now, False)
 
         runs = await asyncio.to_thread(enforce)
@@ -149,18 +155,25 @@ class RetentionJob:
         log.info("retention_enforced", tenants=len(runs), raw_rows=deleted)
         return runs
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._loop())
+    async def start(self) -> None:
+        """Runs once now (a process that was down for a while catches up before it
+        serves, and nothing loaded after the start races a delayed first run), then
+        every `interval`."""
+        if self._task is not None:
+            return
+        await self._run_logged()
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _run_logged(self) -> None:
+        try:
+            await self.run_once()
+        except Exception:  # a failed run must neither stop the start nor the schedule
+            log.exception("retention_enforce_failed")
 
     async def _loop(self) -> None:
-        # A first run at start: a process that was down for a while catches up at once.
         while True:
-            try:
-                await self.run_once()
-            except Exception:  # a failed run must not end the schedule
-                log.exception("retention_enforce_failed")
             await asyncio.sleep(self._interval.total_seconds())
+            await self._run_logged()
 
     async def aclose(self) -> None:
         """Cancels the schedule; a run in progress finishes its current tenant's delete

@@ -5,11 +5,18 @@ is sealed (`services/compliance/pii_cipher.py`). Destroying the key (erasure) ma
 copy of the subject's sealed PII undecipherable at once: the Kafka topic, Pinot segments,
 exports of either, backups of either.
 
-Storage: its own SQLite file (`<data_dir>/subject_keys.sqlite3`), not the metadata store,
-so that it can be kept out of long-lived backups: a backup of this file *and* of the
-key-encryption secret taken before an erasure could bring an erased key back. Back it up
-only with a retention shorter than the erasure deadline (30 days), or not at all (losing
-it loses the PII of the Kafka/Pinot copies, not the events).
+Storage, one interface (`BaseSubjectKeyStore`) with two backends; every process that
+seals, opens or destroys must use the same one (`open_subject_key_store`):
+- `SubjectKeyStore`: its own SQLite file (`<data_dir>/subject_keys.sqlite3`), for the
+  processes of one data dir (`up`, or processes on one machine);
+- `PostgresSubjectKeyStore` (postgres_subject_keys.py): tables in the PostgreSQL metadata
+  database, for the cluster shape (`metadata_store_url` set).
+
+The SQLite file is not the metadata store, so that it can be kept out of long-lived
+backups: a backup of the keys *and* of the key-encryption secret taken before an erasure
+could bring an erased key back. Back it up only with a retention shorter than the erasure
+deadline (30 days), or not at all (losing it loses the PII of the Kafka/Pinot copies, not
+the events). On PostgreSQL the same holds for the database's backups and WAL archives.
 
 - Keys are stored wrapped: AES-256-GCM under a key-encryption key (KEK) derived with
   HKDF-SHA256 from the platform secret `subject_key_encryption_key` (settings, else
@@ -26,13 +33,15 @@ it loses the PII of the Kafka/Pinot copies, not the events).
   the erased lifecycle and is sealed without PII instead. An event received after the
   erasure starts a new lifecycle with a fresh key (which remembers the erasure it
   follows as `not_before`, so a late event of the old lifecycle is refused it too).
-- An in-process LRU cache (entries re-read after `revalidate_seconds`, so a destruction
-  made by another process on the same file is seen within that time; in this process at
-  once).
+- An in-process LRU cache (entries re-read after `revalidate_seconds`, default 1 s, so a
+  destruction made by another process or pod is seen within that time; in this process at
+  once). `fence()` drops the whole cache at once (erasure's step on a processor host).
 - Leases: a processor that decrypted a batch holds a lease until the batch is committed;
-  `destroy` waits (bounded) for leases taken before it, so an erasure that deletes the
-  store's rows after destroying the key cannot be overtaken by a batch decrypted just
-  before the destruction.
+  `destroy` (and `fence`) waits (bounded) for leases taken before it in this process, so
+  an erasure that deletes the store's rows after destroying the key cannot be overtaken by
+  a batch decrypted just before the destruction. Leases are per process: a processor host
+  in another pod runs `fence()` itself before deleting its rows
+  (services/compliance/erasure_hosts.py).
 """
 
 from __future__ import annotations
@@ -44,8 +53,9 @@ import os
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,12 +158,17 @@ class _Leases:
             )
 
 
-class SubjectKeyStore:
-    """Thread-safe; synchronous (async callers use `asyncio.to_thread`)."""
+_Row = tuple[str, str, bytes, str | None]  # subject_hash, key_id, wrapped_key, not_before
+
+
+class BaseSubjectKeyStore(ABC):
+    """The key store's behaviour (wrapping, subject hashing, cache, leases, the rules of
+    `get_or_create` and `destroy`) over a storage backend: `SubjectKeyStore` (SQLite, one
+    machine) or `PostgresSubjectKeyStore` (postgres_subject_keys.py, shared by the pods).
+    Thread-safe; synchronous (async callers use `asyncio.to_thread`)."""
 
     def __init__(
         self,
-        path: Path | str,
         secret: str,
         *,
         cache_size: int = 100_000,
@@ -166,36 +181,59 @@ class SubjectKeyStore:
         raw = secret.encode()
         self._kek = AESGCM(_derive(raw, b"bilten subject key wrap v1"))
         self._hash_key = _derive(raw, b"bilten subject hash v1")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA secure_delete = ON")
-        self._conn.execute("PRAGMA busy_timeout = 5000")
-        self._conn.executescript(_SCHEMA)
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()  # guards the cache (and the SQLite connection)
         self._cache_size = cache_size
-        self._revalidate = revalidate_seconds
+        # How long a cached key is trusted: the bound within which a destruction made by
+        # another process (or pod) stops this one from opening with the key.
+        self.revalidate_seconds = revalidate_seconds
         self._lease_wait = lease_wait_seconds
         self._clock = clock
-        self._conn.execute(
-            "INSERT OR IGNORE INTO key_store_meta (name, value) VALUES ('created_at', ?)",
-            (_iso(clock()),),
-        )
         # (tenant, "s:"+subject_hash | "k:"+key_id) -> (key, monotonic time read)
         self._cache: OrderedDict[tuple[str, str], tuple[SubjectKey, float]] = OrderedDict()
+        # Bumped by every invalidation: a read that began before one does not cache what
+        # it read (it may be a key destroyed meanwhile).
+        self._epoch = 0
         self._leases = _Leases()
 
-    @classmethod
-    def in_data_dir(cls, data_dir: Path | str, secret: str) -> SubjectKeyStore:
-        return cls(Path(data_dir) / KEY_STORE_FILE, secret)
+    # --- storage backend -----------------------------------------------------------------
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _select_by_subject(self, tenant_id: str, subject_hash: str) -> _Row | None: ...
+
+    @abstractmethod
+    def _select_by_key_id(self, tenant_id: str, key_id: str) -> _Row | None: ...
+
+    @abstractmethod
+    def _select_many(self, tenant_id: str, column: str, values: list[str]) -> list[_Row]:
+        """Rows whose `column` (subject_hash or key_id) is in `values`: one round trip."""
+
+    @abstractmethod
+    def _select_destroyed_at(self, tenant_id: str, subject_hash: str) -> str | None: ...
+
+    @abstractmethod
+    def _select_created_at(self) -> str: ...
+
+    @abstractmethod
+    def _insert_key(
+        self,
+        tenant_id: str,
+        subject_hash: str,
+        key_id: str,
+        wrapped: bytes,
+        received_at: datetime | None,
+    ) -> _Row | None:
+        """In one transaction serialised with `_delete_key` of the same subject: None when
+        the subject's key was destroyed at or after `received_at`; else inserts the key
+        unless another writer did first (its key wins; `not_before` = the destruction
+        time, if any) and returns the stored row."""
+
+    @abstractmethod
+    def _delete_key(self, tenant_id: str, subject_hash: str, destroyed_at: str) -> str | None:
+        """Deletes the key and records the destruction time in one transaction; the
+        deleted key's id, None when the subject had no key."""
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -229,22 +267,31 @@ class SubjectKeyStore:
             found = self._cache.get(cache_key)
             if found is None:
                 return None
-            if time.monotonic() - found[1] > self._revalidate:
+            if time.monotonic() - found[1] > self.revalidate_seconds:
                 del self._cache[cache_key]
                 return None
             self._cache.move_to_end(cache_key)
             return found[0]
 
-    def _remember(self, subject_hash: str, key: SubjectKey) -> None:
-        # Caller holds self._lock.
-        now = time.monotonic()
-        for cache_key in ((key.tenant_id, "s:" + subject_hash), (key.tenant_id, "k:" + key.key_id)):
-            self._cache[cache_key] = (key, now)
-            self._cache.move_to_end(cache_key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+    def _read_epoch(self) -> int:
+        with self._lock:
+            return self._epoch
 
-    def _row_key(self, tenant_id: str, row: tuple[str, str, bytes, str | None]) -> SubjectKey:
+    def _remember(self, subject_hash: str, key: SubjectKey, epoch: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if epoch != self._epoch:
+                return
+            for cache_key in (
+                (key.tenant_id, "s:" + subject_hash),
+                (key.tenant_id, "k:" + key.key_id),
+            ):
+                self._cache[cache_key] = (key, now)
+                self._cache.move_to_end(cache_key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def _row_key(self, tenant_id: str, row: _Row) -> SubjectKey:
         subject_hash, key_id, wrapped, not_before = row
         key = self._unwrap(tenant_id, subject_hash, key_id, bytes(wrapped))
         return SubjectKey(tenant_id, key_id, key, _parse(not_before) if not_before else None)
@@ -257,52 +304,55 @@ class SubjectKeyStore:
         cached = self._cached((tenant_id, "s:" + subject_hash))
         if cached is not None:
             return cached
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
-                " WHERE tenant_id = ? AND subject_hash = ?",
-                (tenant_id, subject_hash),
-            ).fetchone()
-            if row is None:
-                return None
-            key = self._row_key(tenant_id, row)
-            self._remember(subject_hash, key)
-            return key
+        epoch = self._read_epoch()
+        row = self._select_by_subject(tenant_id, subject_hash)
+        if row is None:
+            return None
+        key = self._row_key(tenant_id, row)
+        self._remember(subject_hash, key, epoch)
+        return key
 
     def by_key_id(self, tenant_id: str, key_id: str) -> SubjectKey | None:
         """The key named `key_id` in a sealed envelope; None once destroyed (or unknown)."""
         cached = self._cached((tenant_id, "k:" + key_id))
         if cached is not None:
             return cached
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
-                " WHERE tenant_id = ? AND key_id = ?",
-                (tenant_id, key_id),
-            ).fetchone()
-            if row is None:
-                return None
-            key = self._row_key(tenant_id, row)
-            self._remember(row[0], key)
-            return key
+        epoch = self._read_epoch()
+        row = self._select_by_key_id(tenant_id, key_id)
+        if row is None:
+            return None
+        key = self._row_key(tenant_id, row)
+        self._remember(row[0], key, epoch)
+        return key
+
+    def prefetch_subjects(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Caches the keys of a batch's (tenant, subject id) pairs with one query per tenant,
+        so sealing a batch costs one round trip, not one per subject (PostgreSQL)."""
+        self._prefetch("subject_hash", ((t, self.subject_hash(t, s)) for t, s in wanted if s), "s:")
+
+    def prefetch_key_ids(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Caches the keys a batch's envelopes name, (tenant, key id), one query per tenant."""
+        self._prefetch("key_id", ((t, k) for t, k in wanted if k), "k:")
+
+    def _prefetch(self, column: str, wanted: Iterable[tuple[str, str]], prefix: str) -> None:
+        missing: dict[str, set[str]] = {}
+        for tenant_id, value in wanted:
+            if self._cached((tenant_id, prefix + value)) is None:
+                missing.setdefault(tenant_id, set()).add(value)
+        if not missing:
+            return
+        epoch = self._read_epoch()
+        for tenant_id, values in missing.items():
+            for row in self._select_many(tenant_id, column, sorted(values)):
+                self._remember(row[0], self._row_key(tenant_id, row), epoch)
 
     def sealing_since(self) -> datetime:
         """When this key store was created: events produced before were not sealed."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT value FROM key_store_meta WHERE name = 'created_at'"
-            ).fetchone()
-        return _parse(row[0])
+        return _parse(self._select_created_at())
 
     def destroyed_at(self, tenant_id: str, subject_id: str) -> datetime | None:
-        subject_hash = self.subject_hash(tenant_id, subject_id)
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT destroyed_at FROM destroyed_subject_keys"
-                " WHERE tenant_id = ? AND subject_hash = ?",
-                (tenant_id, subject_hash),
-            ).fetchone()
-        return _parse(row[0]) if row else None
+        found = self._select_destroyed_at(tenant_id, self.subject_hash(tenant_id, subject_id))
+        return _parse(found) if found else None
 
     # --- writes ------------------------------------------------------------------------
 
@@ -321,7 +371,160 @@ class SubjectKeyStore:
         key = AESGCM.generate_key(bit_length=256)
         key_id = key_id_of(key)
         wrapped = self._wrap(tenant_id, subject_hash, key_id, key)
+        epoch = self._read_epoch()
+        row = self._insert_key(tenant_id, subject_hash, key_id, wrapped, received_at)
+        if row is None:
+            return None
+        stored = self._row_key(tenant_id, row)
+        if received_at is not None and stored.not_before and received_at <= stored.not_before:
+            return None  # another writer's key, of a lifecycle this event predates
+        self._remember(subject_hash, stored, epoch)
+        return stored
+
+    def destroy(self, tenant_id: str, subject_id: str) -> bool:
+        """Destroys the subject's key (True when it had one) and records the time; waits
+        (up to `lease_wait_seconds`) for batches decrypted *in this process* before it to
+        be committed (other processes: `fence`)."""
+        subject_hash = self.subject_hash(tenant_id, subject_id)
+        key_id = self._delete_key(tenant_id, subject_hash, _iso(self._clock()))
+        self.fence()
+        return key_id is not None
+
+    def fence(self) -> None:
+        """Forgets every cached key, then waits (up to `lease_wait_seconds`) for the
+        batches this process decrypted before the call to be committed.
+
+        For a destruction made by another process: once this returns, no batch opened with
+        a key destroyed before the call is still uncommitted here, and every later batch
+        re-reads the keys (so it cannot open with a destroyed one). Erasure runs it before
+        deleting the subject's rows from this process's event store."""
         with self._lock:
+            self._epoch += 1
+            self._cache.clear()
+        if not self._leases.advance_and_wait(self._lease_wait):
+            raise TimeoutError(
+                "batches decrypted before the key destruction were not committed within "
+                f"{self._lease_wait} s; retry the erasure"
+            )
+
+    # --- leases ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        generation = self._leases.acquire()
+        try:
+            yield
+        finally:
+            self._leases.release(generation)
+
+    def acquire_lease(self) -> int:
+        """For holders that outlive a `with` block (the processor's pipelined commits)."""
+        return self._leases.acquire()
+
+    def release_lease(self, lease: int) -> None:
+        self._leases.release(lease)
+
+
+class SubjectKeyStore(BaseSubjectKeyStore):
+    """The key store in a SQLite file: processes on one machine (one data dir)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        secret: str,
+        *,
+        cache_size: int = 100_000,
+        revalidate_seconds: float = 1.0,
+        lease_wait_seconds: float = 30.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        super().__init__(
+            secret,
+            cache_size=cache_size,
+            revalidate_seconds=revalidate_seconds,
+            lease_wait_seconds=lease_wait_seconds,
+            clock=clock,
+        )
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA secure_delete = ON")
+        self._conn.execute("PRAGMA busy_timeout = 5000")
+        self._conn.executescript(_SCHEMA)
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+        self._conn.execute(
+            "INSERT OR IGNORE INTO key_store_meta (name, value) VALUES ('created_at', ?)",
+            (_iso(clock()),),
+        )
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path | str, secret: str) -> SubjectKeyStore:
+        return cls(Path(data_dir) / KEY_STORE_FILE, secret)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _one(self, statement: str, params: tuple[str, ...]) -> tuple[object, ...] | None:
+        with self._lock:
+            row: tuple[object, ...] | None = self._conn.execute(statement, params).fetchone()
+            return row
+
+    def _select_by_subject(self, tenant_id: str, subject_hash: str) -> _Row | None:
+        return self._one(  # type: ignore[return-value]
+            "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
+            " WHERE tenant_id = ? AND subject_hash = ?",
+            (tenant_id, subject_hash),
+        )
+
+    def _select_by_key_id(self, tenant_id: str, key_id: str) -> _Row | None:
+        return self._one(  # type: ignore[return-value]
+            "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
+            " WHERE tenant_id = ? AND key_id = ?",
+            (tenant_id, key_id),
+        )
+
+    def _select_many(self, tenant_id: str, column: str, values: list[str]) -> list[_Row]:
+        assert column in ("subject_hash", "key_id")
+        rows: list[_Row] = []
+        with self._lock:
+            for start in range(0, len(values), 500):  # under SQLite's variable limit
+                chunk = values[start : start + 500]
+                rows.extend(
+                    self._conn.execute(
+                        "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
+                        f" WHERE tenant_id = ? AND {column} IN ({','.join('?' * len(chunk))})",
+                        (tenant_id, *chunk),
+                    ).fetchall()
+                )
+        return rows
+
+    def _select_destroyed_at(self, tenant_id: str, subject_hash: str) -> str | None:
+        row = self._one(
+            "SELECT destroyed_at FROM destroyed_subject_keys"
+            " WHERE tenant_id = ? AND subject_hash = ?",
+            (tenant_id, subject_hash),
+        )
+        return str(row[0]) if row else None
+
+    def _select_created_at(self) -> str:
+        row = self._one("SELECT value FROM key_store_meta WHERE name = 'created_at'", ())
+        assert row is not None
+        return str(row[0])
+
+    def _insert_key(
+        self,
+        tenant_id: str,
+        subject_hash: str,
+        key_id: str,
+        wrapped: bytes,
+        received_at: datetime | None,
+    ) -> _Row | None:
+        with self._lock:
+            # BEGIN IMMEDIATE: the writer lock, so a destroy cannot interleave.
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 tomb = self._conn.execute(
@@ -346,7 +549,7 @@ class SubjectKeyStore:
                         tomb[0] if tomb is not None else None,
                     ),
                 )
-                row = self._conn.execute(
+                row: _Row = self._conn.execute(
                     "SELECT subject_hash, key_id, wrapped_key, not_before FROM subject_keys"
                     " WHERE tenant_id = ? AND subject_hash = ?",
                     (tenant_id, subject_hash),
@@ -356,14 +559,9 @@ class SubjectKeyStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
                 raise
-            stored = self._row_key(tenant_id, row)
-            self._remember(subject_hash, stored)
-            return stored
+            return row
 
-    def destroy(self, tenant_id: str, subject_id: str) -> bool:
-        """Destroys the subject's key (True when it had one) and records the time; waits
-        (up to `lease_wait_seconds`) for batches decrypted before it to be committed."""
-        subject_hash = self.subject_hash(tenant_id, subject_id)
+    def _delete_key(self, tenant_id: str, subject_hash: str, destroyed_at: str) -> str | None:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -379,40 +577,28 @@ class SubjectKeyStore:
                     "INSERT INTO destroyed_subject_keys (tenant_id, subject_hash, destroyed_at)"
                     " VALUES (?, ?, ?) ON CONFLICT (tenant_id, subject_hash)"
                     " DO UPDATE SET destroyed_at = excluded.destroyed_at",
-                    (tenant_id, subject_hash, _iso(self._clock())),
+                    (tenant_id, subject_hash, destroyed_at),
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
                 raise
-            self._cache.pop((tenant_id, "s:" + subject_hash), None)
-            if row is not None:
-                self._cache.pop((tenant_id, "k:" + row[0]), None)
             # Move the freed (zeroed) pages out of the WAL into the main file; best
             # effort: a reader in another process can keep the WAL from truncating.
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if not self._leases.advance_and_wait(self._lease_wait):
-            raise TimeoutError(
-                "batches decrypted before the key destruction were not committed within "
-                f"{self._lease_wait} s; retry the erasure"
-            )
-        return row is not None
+        return str(row[0]) if row is not None else None
 
-    # --- leases ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[None]:
-        generation = self._leases.acquire()
-        try:
-            yield
-        finally:
-            self._leases.release(generation)
+def open_subject_key_store(
+    metadata_store_url: str, data_dir: Path | str, secret: str
+) -> BaseSubjectKeyStore:
+    """The key store every process of a deployment must share: a table in the PostgreSQL
+    metadata database when `metadata_store_url` is set (the cluster shape), else the data
+    dir's SQLite file."""
+    if metadata_store_url:
+        from services.compliance.postgres_subject_keys import PostgresSubjectKeyStore
 
-    def acquire_lease(self) -> int:
-        """For holders that outlive a `with` block (the processor's pipelined commits)."""
-        return self._leases.acquire()
-
-    def release_lease(self, lease: int) -> None:
-        self._leases.release(lease)
+        return PostgresSubjectKeyStore(metadata_store_url, secret)
+    return SubjectKeyStore.in_data_dir(data_dir, secret)

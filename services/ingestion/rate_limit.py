@@ -27,16 +27,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from opentelemetry import metrics
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from services.platform.settings import PlatformSettings
+
+# redis-py is imported only by processes that use it: every service imports this module
+# through `services.mesh`, and most never talk to Redis.
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger(__name__)
 
@@ -141,9 +142,13 @@ class RedisTokenBucketLimiter:
         retry_redis_after_seconds: float = RETRY_REDIS_AFTER_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        from redis.exceptions import RedisError
+
         self.rate = rate_per_second
         self.burst = burst
         self._client = client
+        # OSError: socket errors and timeouts that reach us unwrapped.
+        self._failures: tuple[type[Exception], ...] = (RedisError, OSError)
         self._script = client.register_script(_BUCKET_SCRIPT)
         self._key_prefix = key_prefix
         self._ttl_ms = math.ceil(burst / rate_per_second * 1000) + TTL_MARGIN_MS
@@ -168,6 +173,10 @@ class RedisTokenBucketLimiter:
         retry_redis_after_seconds: float = RETRY_REDIS_AFTER_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> RedisTokenBucketLimiter:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         client = Redis.from_url(
             url,
             # A password in the URL wins over this one (redis-py applies the URL last).
@@ -200,7 +209,7 @@ class RedisTokenBucketLimiter:
                     self._ttl_ms,
                 ],
             )
-        except (RedisError, OSError) as exc:  # OSError: asyncio and socket timeouts
+        except self._failures as exc:
             self._skip_redis_until = self._monotonic() + self._retry_after
             log.warning(
                 "rate_limit_redis_unavailable",

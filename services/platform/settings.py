@@ -208,7 +208,8 @@ class PlatformSettings(BaseSettings):
         description="With event_log=kafka: encrypt the PII fields of every event per subject "
         "before Kafka, so an erasure (which destroys the subject's key) makes the topic's and "
         "Pinot's copies undecipherable. Ingestion, processor and compliance must share the "
-        "data dir's key store (subject_keys.sqlite3).",
+        "key store: the data dir's subject_keys.sqlite3, or tables in the PostgreSQL "
+        "metadata database when metadata_store_url is set.",
     )
     dedup_window_seconds: int = Field(
         86_400, ge=0, le=30 * 86_400, description="Dedup window on event_id (default 24 h)."
@@ -328,6 +329,14 @@ class PlatformSettings(BaseSettings):
         le=7 * 86_400,
         description="How often the server deletes raw events past each tenant's retention "
         "(a run also happens at start); 0 turns the scheduled job off.",
+    )
+    erasure_apply_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Cluster shape (event_log=kafka, metadata_store_url set): how often each "
+        "stream-processor host applies new erasure requests to its own event store (the "
+        "bound after a request is DONE; services/compliance/erasure_hosts.py).",
     )
     rollup_flush_seconds: float = Field(
         2.0,

@@ -287,6 +287,18 @@ class ErasureRecord:
     error_message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ErasureApplication:
+    """One stream-processor host's application of an erasure request to its own event
+    store (cluster shape, PostgreSQL metadata only: services/compliance/erasure_hosts.py)."""
+
+    erasure_request_id: str
+    host_id: str
+    applied_at: datetime
+    rows_deleted: int
+    actors_unlinked: int
+
+
 class Row(Protocol):
     """A result row read by column name: `sqlite3.Row`, or a psycopg `dict_row`."""
 

@@ -51,6 +51,7 @@ from services.storage.metadata_store import (
     AuditChainReport,
     AuditRecord,
     ConsentEntry,
+    ErasureApplication,
     ErasureRecord,
     InvalidPageTokenError,
     QuarantineEntry,
@@ -157,6 +158,16 @@ _SCHEMA: tuple[str, ...] = (
       certificate_json   TEXT NOT NULL,
       error_message      TEXT NOT NULL,
       UNIQUE (tenant_id, request_id)
+    )""",
+    # Which stream-processor host applied which erasure to its own event store
+    # (services/compliance/erasure_hosts.py); additive, so no schema version bump.
+    """CREATE TABLE IF NOT EXISTS erasure_applications (
+      erasure_request_id TEXT NOT NULL,
+      host_id            TEXT NOT NULL,
+      applied_at         TEXT NOT NULL,
+      rows_deleted       BIGINT NOT NULL,
+      actors_unlinked    BIGINT NOT NULL,
+      PRIMARY KEY (erasure_request_id, host_id)
     )""",
     """CREATE TABLE IF NOT EXISTS used_token_ids (
       jti        TEXT PRIMARY KEY,
@@ -748,3 +759,59 @@ class PostgresMetadataStore:
             (tenant_id, erasure_request_id),
         )
         return erasure_from_row(rows[0]) if rows else None
+
+    # --- erasure on the stream-processor hosts (services/compliance/erasure_hosts.py) ---
+
+    def erasures_done_since(self, since: datetime) -> list[ErasureRecord]:
+        """DONE requests finished at or after `since`, oldest first."""
+        rows = self._query(
+            "SELECT * FROM erasure_requests WHERE state = 'DONE' AND finished_at >= %s"
+            " ORDER BY finished_at, erasure_request_id",
+            (_to_text(since),),
+        )
+        return [erasure_from_row(row) for row in rows]
+
+    def erasures_not_applied_by(self, host_id: str, limit: int = 500) -> list[ErasureRecord]:
+        """DONE requests `host_id` has not recorded as applied, oldest first."""
+        rows = self._query(
+            "SELECT * FROM erasure_requests e WHERE e.state = 'DONE' AND NOT EXISTS ("
+            " SELECT 1 FROM erasure_applications a"
+            " WHERE a.erasure_request_id = e.erasure_request_id AND a.host_id = %s)"
+            " ORDER BY e.finished_at, e.erasure_request_id LIMIT %s",
+            (host_id, limit),
+        )
+        return [erasure_from_row(row) for row in rows]
+
+    def record_erasure_applied(self, application: ErasureApplication) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO erasure_applications (erasure_request_id, host_id, applied_at,"
+                " rows_deleted, actors_unlinked) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (erasure_request_id, host_id) DO UPDATE SET"
+                " applied_at = excluded.applied_at, rows_deleted = excluded.rows_deleted,"
+                " actors_unlinked = excluded.actors_unlinked",
+                (
+                    application.erasure_request_id,
+                    application.host_id,
+                    _to_text(application.applied_at),
+                    application.rows_deleted,
+                    application.actors_unlinked,
+                ),
+            )
+
+    def erasure_applications(self, erasure_request_id: str) -> list[ErasureApplication]:
+        rows = self._query(
+            "SELECT * FROM erasure_applications WHERE erasure_request_id = %s"
+            " ORDER BY applied_at, host_id",
+            (erasure_request_id,),
+        )
+        return [
+            ErasureApplication(
+                erasure_request_id=row["erasure_request_id"],
+                host_id=row["host_id"],
+                applied_at=_from_text(row["applied_at"]),
+                rows_deleted=int(row["rows_deleted"]),
+                actors_unlinked=int(row["actors_unlinked"]),
+            )
+            for row in rows
+        ]

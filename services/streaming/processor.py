@@ -44,6 +44,11 @@ commit. A record whose key was destroyed (its subject was erased) is stored anon
 open with an existing key is stored the same way and counted in `unreadable_pii_events`.
 A batch holds a key-store lease from decryption to commit, so an erasure (which destroys
 the key, then deletes the store's rows) waits for it instead of racing it.
+
+Erased subjects (cluster shape, services/compliance/erasure_hosts.py): with
+`erased=ErasedSubjects()` the rows of subjects erased after they were received are dropped
+before the store commit (their offsets still advance), under a lease of their own, so an
+erasure applied on this host cannot be undone by a record still in the topic.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import numpy as np
 import pyarrow as pa
 import structlog
 
+from services.compliance.erasure_hosts import ErasedSubjects
 from services.storage.event_store import (
     EVENT_ARROW_SCHEMA,
     StaleStreamOffsetError,
@@ -207,9 +213,11 @@ class StreamProcessor:
         live: LiveFeed | None = None,
         dedup: SharedDedup | None = None,
         pii: PiiOpener | None = None,
+        erased: ErasedSubjects | None = None,
     ) -> None:
         self.config = config
         self.pii = pii
+        self.erased = erased
         self.store = store
         self.schemas = schemas
         self.live = live
@@ -343,6 +351,7 @@ class _Prepared:
     started: float
     now: float
     lease: int | None = None  # key-store lease held from decryption to commit
+    erased_lease: int | None = None  # ErasedSubjects lease held from the filter to commit
     pii_counts: dict[str, int] = field(default_factory=dict)  # counted after the commit
 
 
@@ -581,6 +590,9 @@ class _Member:
         if prepared.lease is not None and self.processor.pii is not None:
             self.processor.pii.cipher.keys.release_lease(prepared.lease)
             prepared.lease = None
+        if prepared.erased_lease is not None and self.processor.erased is not None:
+            self.processor.erased.release(prepared.erased_lease)
+            prepared.erased_lease = None
 
     def _submit(self, prepared: _Prepared) -> None:
         # Optimistic: the next batch is prepared as if this one commits.
@@ -643,14 +655,23 @@ class _Member:
         processor = self.processor
         table, sealed, rejected = self._decode(batch)
         lease: int | None = None
+        erased_lease: int | None = None
         try:
             table, lease, counts = self._open_pii(table, sealed)
+            if processor.erased is not None:
+                # Taken before the filter reads the erased set, so an erasure applied on
+                # this host meanwhile waits for this batch's commit before it deletes.
+                erased_lease = processor.erased.acquire()
+                table = processor.erased.drop_erased(table)
             prepared = self._prepare_rest(batch, table, rejected, started, lease)
             prepared.pii_counts = counts
+            prepared.erased_lease = erased_lease
             return prepared
         except BaseException:
             if lease is not None and processor.pii is not None:
                 processor.pii.cipher.keys.release_lease(lease)
+            if erased_lease is not None and processor.erased is not None:
+                processor.erased.release(erased_lease)
             raise
 
     def _open_pii(

@@ -4,9 +4,10 @@
   registry id, the producer (`KafkaEventLog`) and the lag reader for `GetPipelineStatus`;
 - the process that owns the event store (`up --event-log kafka`, `serve processor`):
   the stream processor and the live feed it publishes to;
-- with `crypto_shredding`: the subject key store of the data dir
-  (`subject_keys.sqlite3`), sealing PII in the producer, opening it in the processor and
-  destroyed by erasure (`Mesh.compliance_domain`).
+- with `crypto_shredding`: the subject key store (the data dir's `subject_keys.sqlite3`,
+  or tables in the PostgreSQL metadata database when `metadata_store_url` is set, so the
+  pods share it), sealing PII in the producer, opening it in the processor and destroyed
+  by erasure (`Mesh.compliance_domain`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from services.compliance.erasure_hosts import ErasedSubjects
 from services.compliance.pii_cipher import PiiCipher
-from services.compliance.subject_keys import SubjectKeyStore
+from services.compliance.subject_keys import BaseSubjectKeyStore, open_subject_key_store
 from services.platform.secrets_file import load_secrets
 from services.platform.settings import PlatformSettings
 from services.storage.event_store import DuckDBEventStore
@@ -66,7 +68,7 @@ class KafkaStreaming:
     status: KafkaPipelineStatus
     live_feed: LiveFeed = field(default_factory=LiveFeed)
     processor: StreamProcessor | None = None
-    subject_keys: SubjectKeyStore | None = None  # crypto-shredding on
+    subject_keys: BaseSubjectKeyStore | None = None  # crypto-shredding on
 
     @classmethod
     def open(cls, settings: PlatformSettings, registry_token: str) -> KafkaStreaming:
@@ -75,8 +77,12 @@ class KafkaStreaming:
         subject_keys = None
         sealer = None
         if settings.crypto_shredding:
-            subject_keys = SubjectKeyStore.in_data_dir(
-                settings.data_dir, load_secrets(settings).subject_key_encryption_key
+            # Shared by every pod (PostgreSQL) when the metadata is: sealing, opening and
+            # destroying must see one set of keys.
+            subject_keys = open_subject_key_store(
+                settings.metadata_store_url,
+                settings.data_dir,
+                load_secrets(settings).subject_key_encryption_key,
             )
             sealer = PiiSealer(
                 PiiCipher(subject_keys), PersonalFieldsById(settings.registry_url, token)
@@ -104,8 +110,12 @@ class KafkaStreaming:
         and retried by the first appends (they answer UNAVAILABLE meanwhile)."""
         await self.event_log.start()
 
-    async def start_processor(self, store: DuckDBEventStore) -> StreamProcessor:
-        """Runs the processor over `store` (the process must own the store's file)."""
+    async def start_processor(
+        self, store: DuckDBEventStore, erased: ErasedSubjects | None = None
+    ) -> StreamProcessor:
+        """Runs the processor over `store` (the process must own the store's file);
+        `erased`: the subjects whose earlier events it must not store again
+        (services/compliance/erasure_hosts.py)."""
         # The processor seeks to the store's offsets, so the topics must exist first.
         await self.event_log.start()
         processor = StreamProcessor(
@@ -114,6 +124,7 @@ class KafkaStreaming:
             WriterSchemas(self.settings.registry_url, self.registry_token),
             self.live_feed,
             pii=None if self.subject_keys is None else PiiOpener(PiiCipher(self.subject_keys)),
+            erased=erased,
         )
         await asyncio.to_thread(processor.start)
         observe_processor(processor.lag, lambda: processor.stats, processor.config.topic)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,29 +16,74 @@ import pytest
 from services.compliance.consent import ConsentRegistry
 from services.compliance.erasure import ErasureService
 from services.compliance.pii_cipher import PiiCipher, PiiIntegrityError
-from services.compliance.subject_keys import KeyStoreError, SubjectKeyStore
+from services.compliance.postgres_subject_keys import PostgresSubjectKeyStore
+from services.compliance.subject_keys import (
+    BaseSubjectKeyStore,
+    KeyStoreError,
+    SubjectKeyStore,
+    open_subject_key_store,
+)
 from services.events.model import Enrichment, TrackedEvent, TrackedEventType
 from services.ingestion.definitions import personal_fields_of
 from services.storage.event_store import DuckDBEventStore, events_to_table
 from services.storage.metadata_store import SQLiteMetadataStore
 from services.streaming.avro_envelope import SEALED_FIELD_NAMES
 from services.streaming.pii import PiiOpener, PiiSealer
+from tests.storage.metadata_backends import BACKENDS, fresh_postgres_schema, requires_postgres
 
 SECRET = "test-kek-secret-0123456789abcdef"
 NOW = datetime(2026, 11, 28, 0, 0, tzinfo=UTC)
 
 
+# Another "process" (pod) on the same key store: (secret, revalidate_seconds) -> store.
+OpenKeys = Callable[..., BaseSubjectKeyStore]
+
+
+@pytest.fixture(params=BACKENDS)
+def open_keys(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenKeys]:
+    """Opens key stores on one backend: the data dir's SQLite file, or tables in a fresh
+    PostgreSQL schema (the cluster shape). Every store opened is closed after the test."""
+    opened: list[BaseSubjectKeyStore] = []
+
+    def sqlite(secret: str = SECRET, revalidate_seconds: float = 1.0) -> BaseSubjectKeyStore:
+        store = SubjectKeyStore(
+            tmp_path / "subject_keys.sqlite3", secret, revalidate_seconds=revalidate_seconds
+        )
+        opened.append(store)
+        return store
+
+    if request.param == "sqlite":
+        yield sqlite
+    else:
+        with fresh_postgres_schema("keys_test") as url:
+
+            def postgres(
+                secret: str = SECRET, revalidate_seconds: float = 1.0
+            ) -> BaseSubjectKeyStore:
+                store = PostgresSubjectKeyStore(url, secret, revalidate_seconds=revalidate_seconds)
+                opened.append(store)
+                return store
+
+            yield postgres
+            for store in opened:
+                store.close()
+            return
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
-def keys(tmp_path: Path) -> SubjectKeyStore:
-    return SubjectKeyStore(tmp_path / "subject_keys.sqlite3", SECRET)
+def keys(open_keys: OpenKeys) -> BaseSubjectKeyStore:
+    return open_keys()
 
 
 # --- key store ---------------------------------------------------------------------------
 
 
-def test_keys_are_random_per_subject_stored_wrapped_and_survive_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "subject_keys.sqlite3"
-    store = SubjectKeyStore(path, SECRET)
+def test_keys_are_random_per_subject_stored_wrapped_and_survive_reopen(
+    open_keys: OpenKeys,
+) -> None:
+    store = open_keys()
     a = store.get_or_create("t1", "alice@example.org")
     b = store.get_or_create("t1", "bob@example.org")
     other_tenant = store.get_or_create("t2", "alice@example.org")
@@ -45,23 +91,88 @@ def test_keys_are_random_per_subject_stored_wrapped_and_survive_reopen(tmp_path:
     assert len(a.key) == 32 and len({a.key, b.key, other_tenant.key}) == 3
     assert store.get_or_create("t1", "alice@example.org") == a
     store.close()
+    reopened = open_keys()
+    assert reopened.get("t1", "alice@example.org") == a
+    assert reopened.by_key_id("t1", a.key_id) == a
+    assert reopened.by_key_id("t2", a.key_id) is None  # key ids are per tenant
+    with pytest.raises(KeyStoreError):
+        open_keys("another-secret-entirely").by_key_id("t1", a.key_id)
+
+
+def test_the_sqlite_file_holds_no_key_or_subject_id_in_clear(tmp_path: Path) -> None:
+    path = tmp_path / "subject_keys.sqlite3"
+    store = SubjectKeyStore(path, SECRET)
+    a = store.get_or_create("t1", "alice@example.org")
+    assert a is not None
+    store.close()
     raw = path.read_bytes() + b"".join(
         p.read_bytes() for p in tmp_path.glob("subject_keys.sqlite3-*")
     )
     # Neither the key nor the subject id is in the file in clear: wrapped and hashed.
-    assert a.key not in raw and b.key not in raw
-    assert b"alice@example.org" not in raw
-    reopened = SubjectKeyStore(path, SECRET)
-    assert reopened.get("t1", "alice@example.org") == a
-    assert reopened.by_key_id("t1", a.key_id) == a
-    assert reopened.by_key_id("t2", a.key_id) is None  # key ids are per tenant
-    reopened.close()
-    with pytest.raises(KeyStoreError):
-        SubjectKeyStore(path, "another-secret-entirely").by_key_id("t1", a.key_id)
+    assert a.key not in raw and b"alice@example.org" not in raw
+
+
+@pytest.mark.postgres
+@requires_postgres()
+def test_the_postgres_tables_hold_no_key_or_subject_id_in_clear(tmp_path: Path) -> None:
+    import psycopg
+
+    with fresh_postgres_schema("keys_test") as url:
+        store = open_subject_key_store(url, tmp_path, SECRET)
+        assert isinstance(store, PostgresSubjectKeyStore)
+        a = store.get_or_create("t1", "alice@example.org")
+        assert a is not None
+        store.close()
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT * FROM subject_keys").fetchall()
+        dump = repr(rows).encode()
+        assert len(rows) == 1 and a.key not in bytes(rows[0][3])
+        assert b"alice@example.org" not in dump
+
+
+def test_two_pods_share_keys_and_a_destruction_in_one_stops_the_other(
+    open_keys: OpenKeys,
+) -> None:
+    """Ingestion seals with a key, the processor (another pod) opens with it, compliance
+    (a third) destroys it: the processor refuses it within `revalidate_seconds`."""
+    sealer_pod = open_keys()
+    processor_pod = open_keys(revalidate_seconds=0.3)
+    eraser_pod = open_keys()
+    created = sealer_pod.get_or_create("t1", "kim")
+    assert created is not None
+    assert processor_pod.by_key_id("t1", created.key_id) == created  # cached from here on
+    assert eraser_pod.get("t1", "kim") == created
+    assert eraser_pod.destroy("t1", "kim") is True
+    time.sleep(0.4)  # past the documented bound
+    assert processor_pod.by_key_id("t1", created.key_id) is None
+    assert sealer_pod.destroyed_at("t1", "kim") == eraser_pod.destroyed_at("t1", "kim")
+    # fence() forgets at once, whatever the bound.
+    again = sealer_pod.get_or_create("t1", "ola")
+    assert again is not None and processor_pod.by_key_id("t1", again.key_id) == again
+    eraser_pod.destroy("t1", "ola")
+    processor_pod.fence()
+    assert processor_pod.by_key_id("t1", again.key_id) is None
+
+
+def test_concurrent_creation_in_two_pods_yields_one_key(open_keys: OpenKeys) -> None:
+    pods = [open_keys(), open_keys()]
+    results: list[object] = []
+
+    def create(pod: BaseSubjectKeyStore) -> None:
+        for i in range(20):
+            results.append(pod.get_or_create("t1", f"s{i}"))
+
+    threads = [threading.Thread(target=create, args=(pod,)) for pod in pods]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(20):
+        assert pods[0].get("t1", f"s{i}") == pods[1].get("t1", f"s{i}") is not None
 
 
 def test_destroy_forgets_the_key_invalidates_the_cache_and_blocks_older_events(
-    keys: SubjectKeyStore,
+    keys: BaseSubjectKeyStore,
 ) -> None:
     key = keys.get_or_create("t1", "kim")
     assert key is not None
@@ -84,10 +195,11 @@ def test_destroy_forgets_the_key_invalidates_the_cache_and_blocks_older_events(
     assert keys.destroy("t1", "nobody") is False
 
 
-def test_a_destruction_by_another_process_is_seen_after_revalidation(tmp_path: Path) -> None:
-    path = tmp_path / "subject_keys.sqlite3"
-    reader = SubjectKeyStore(path, SECRET, revalidate_seconds=0.2)
-    eraser = SubjectKeyStore(path, SECRET)
+def test_a_destruction_by_another_process_is_seen_after_revalidation(
+    open_keys: OpenKeys,
+) -> None:
+    reader = open_keys(revalidate_seconds=0.2)
+    eraser = open_keys()
     key = reader.get_or_create("t1", "kim")
     assert key is not None and reader.by_key_id("t1", key.key_id) == key
     eraser.destroy("t1", "kim")
@@ -95,7 +207,7 @@ def test_a_destruction_by_another_process_is_seen_after_revalidation(tmp_path: P
     assert reader.by_key_id("t1", key.key_id) is None
 
 
-def test_destroy_waits_for_batches_decrypted_before_it(keys: SubjectKeyStore) -> None:
+def test_destroy_waits_for_batches_decrypted_before_it(keys: BaseSubjectKeyStore) -> None:
     keys.get_or_create("t1", "kim")
     lease = keys.acquire_lease()
     finished = threading.Event()
@@ -119,7 +231,7 @@ def test_destroy_waits_for_batches_decrypted_before_it(keys: SubjectKeyStore) ->
 PLAIN = {"ip_hash": "ab12cd34", "user_agent": '["Firefox","120","Linux","desktop"]'}
 
 
-def test_seal_and_open_round_trip(keys: SubjectKeyStore) -> None:
+def test_seal_and_open_round_trip(keys: BaseSubjectKeyStore) -> None:
     cipher = PiiCipher(keys)
     sealed = cipher.seal("t1", "e-1", "kim", "anon-7", PLAIN)
     assert set(sealed.ciphertexts) == {"user_id", "anonymous_id", "ip_hash", "user_agent"}
@@ -133,7 +245,7 @@ def test_seal_and_open_round_trip(keys: SubjectKeyStore) -> None:
     assert cipher.seal("t1", "e-2", "kim", "", {}).subject_token == sealed.subject_token
 
 
-def test_tampered_or_misbound_ciphertexts_do_not_open(keys: SubjectKeyStore) -> None:
+def test_tampered_or_misbound_ciphertexts_do_not_open(keys: BaseSubjectKeyStore) -> None:
     cipher = PiiCipher(keys)
     sealed = cipher.seal("t1", "e-1", "kim", "", PLAIN)
     raw = bytearray(base64.b64decode(sealed.ciphertexts["user_id"]))
@@ -154,7 +266,7 @@ def test_tampered_or_misbound_ciphertexts_do_not_open(keys: SubjectKeyStore) -> 
         cipher.open("t2", "e-1", other.key_ids, sealed.ciphertexts)
 
 
-def test_destroying_either_subject_key_shreds_the_event(keys: SubjectKeyStore) -> None:
+def test_destroying_either_subject_key_shreds_the_event(keys: BaseSubjectKeyStore) -> None:
     cipher = PiiCipher(keys)
     both = cipher.seal("t1", "e-1", "kim", "anon-7", PLAIN)
     only_user = cipher.seal("t1", "e-2", "kim", "", PLAIN)
@@ -195,7 +307,7 @@ def _event(
     )
 
 
-def test_sealed_batches_hold_no_pii_and_open_back_exactly(keys: SubjectKeyStore) -> None:
+def test_sealed_batches_hold_no_pii_and_open_back_exactly(keys: BaseSubjectKeyStore) -> None:
     events = [_event(1, "kim"), _event(2, "", "anon-7"), _event(3, "ola", "anon-8"), _event(4, "")]
     table = events_to_table(events)
     sealed = PiiSealer(PiiCipher(keys)).seal_table(table)
@@ -213,7 +325,9 @@ def test_sealed_batches_hold_no_pii_and_open_back_exactly(keys: SubjectKeyStore)
     assert (opened.sealed_events, opened.anonymised_events, opened.unreadable_events) == (3, 0, 0)
 
 
-def test_personal_properties_are_sealed_and_dropped_when_shredded(keys: SubjectKeyStore) -> None:
+def test_personal_properties_are_sealed_and_dropped_when_shredded(
+    keys: BaseSubjectKeyStore,
+) -> None:
     personal = {42: frozenset({"email"})}
     events = [
         _event(1, "kim", properties='{"email":"kim@example.org","seat":"A12"}', schema_id=42),
@@ -238,7 +352,7 @@ def test_personal_properties_are_sealed_and_dropped_when_shredded(keys: SubjectK
     assert rows[0]["event_id"] == "e-1" and rows[0]["country_code"] == "DE"  # the rest kept
 
 
-def test_tampered_records_are_anonymised_and_counted(keys: SubjectKeyStore) -> None:
+def test_tampered_records_are_anonymised_and_counted(keys: BaseSubjectKeyStore) -> None:
     table = events_to_table([_event(1, "kim")])
     sealed = PiiSealer(PiiCipher(keys)).seal_table(table)
     seals = sealed.select(SEALED_FIELD_NAMES).to_pylist()
@@ -251,7 +365,9 @@ def test_tampered_records_are_anonymised_and_counted(keys: SubjectKeyStore) -> N
     assert result.unreadable_events == 1 and result.table.column("user_id")[0].as_py() == ""
 
 
-def test_events_received_before_an_erasure_are_sealed_without_pii(keys: SubjectKeyStore) -> None:
+def test_events_received_before_an_erasure_are_sealed_without_pii(
+    keys: BaseSubjectKeyStore,
+) -> None:
     keys.destroy("t1", "kim")
     destroyed = keys.destroyed_at("t1", "kim")
     assert destroyed is not None
@@ -280,7 +396,7 @@ def test_definitions_mark_personal_fields() -> None:
 
 
 class _OrderedRows:
-    def __init__(self, store: DuckDBEventStore, keys: SubjectKeyStore) -> None:
+    def __init__(self, store: DuckDBEventStore, keys: BaseSubjectKeyStore) -> None:
         self.store = store
         self.keys = keys
         self.key_gone_first: bool | None = None
@@ -291,7 +407,7 @@ class _OrderedRows:
 
 
 def test_erasure_destroys_the_key_first_and_certifies_it(
-    tmp_path: Path, keys: SubjectKeyStore
+    tmp_path: Path, keys: BaseSubjectKeyStore
 ) -> None:
     metadata = SQLiteMetadataStore(tmp_path / "metadata.sqlite3")
     store = DuckDBEventStore(tmp_path / "events.duckdb")
@@ -334,7 +450,7 @@ class _FailOnceRows:
 
 
 def test_a_retried_erasure_certifies_the_key_its_first_run_destroyed(
-    tmp_path: Path, keys: SubjectKeyStore
+    tmp_path: Path, keys: BaseSubjectKeyStore
 ) -> None:
     metadata = SQLiteMetadataStore(tmp_path / "metadata.sqlite3")
     keys.get_or_create("t1", "kim")
@@ -347,3 +463,23 @@ def test_a_retried_erasure_certifies_the_key_its_first_run_destroyed(
     text = "\n".join(done.certificate)
     assert done.state == "DONE" and "data key already destroyed at" in text
     assert "Kafka topic events: the subject's events sealed since" in text
+
+
+def test_a_batch_reads_its_keys_in_one_query_per_tenant(
+    open_keys: OpenKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sealing and opening prefetch a batch's keys: on PostgreSQL one round trip per tenant
+    instead of one per subject."""
+    sealer_pod, processor_pod = open_keys(), open_keys()
+    keys = [sealer_pod.get_or_create("t1", f"s{i}") for i in range(50)]
+    assert all(k is not None for k in keys)
+
+    def no_single_reads(*_args: object) -> None:
+        raise AssertionError("a key was read alone instead of with its batch")
+
+    processor_pod.prefetch_key_ids([("t1", k.key_id) for k in keys if k is not None])
+    monkeypatch.setattr(processor_pod, "_select_by_key_id", no_single_reads)
+    monkeypatch.setattr(processor_pod, "_select_by_subject", no_single_reads)
+    assert [processor_pod.by_key_id("t1", k.key_id) for k in keys if k is not None] == keys
+    processor_pod.prefetch_subjects([("t1", f"s{i}") for i in range(50)] + [("t1", "")])
+    assert [processor_pod.get("t1", f"s{i}") for i in range(50)] == keys

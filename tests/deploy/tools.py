@@ -193,6 +193,7 @@ EXISTING_SECRET_KEYS = (
     "jwt-secret",
     "api-key-pepper",
     "ip-hash-key",
+    "subject-key-encryption-key",
     "schema-registry-storage",
     "postgresql-password",
 )

@@ -202,6 +202,24 @@ SQLite in its data dir (values.yaml metadataStore). Args: root.
 {{- end }}
 {{- end -}}
 
+{{/*
+"true" when crypto-shredding is on: platform.cryptoShredding, or when null, eventLog kafka with
+PostgreSQL configured. The subject keys must be shared by every pod, which only the PostgreSQL
+metadata database gives (per-pod SQLite would make every pod's keys its own).
+*/}}
+{{- define "bilten.cryptoShredding" -}}
+{{- $p := .Values.platform -}}
+{{- $pg := include "bilten.postgresEnabled" . -}}
+{{- if kindIs "bool" $p.cryptoShredding -}}
+{{- if and $p.cryptoShredding (not $pg) -}}
+{{- fail "platform.cryptoShredding=true needs PostgreSQL (postgresql.enabled or externalPostgresql.host): the subject keys are shared through it" -}}
+{{- end -}}
+{{- ternary "true" "false" $p.cryptoShredding -}}
+{{- else -}}
+{{- ternary "true" "false" (and (eq $p.eventLog "kafka") (eq $pg "true")) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "bilten.schemaRegistryUrl" -}}
 {{- printf "http://%s:%d" (include "bilten.serviceHost" (dict "root" . "component" "schema-registry")) (int .Values.schemaRegistry.port) -}}
 {{- end -}}
@@ -342,6 +360,18 @@ credentials come from the JWT issuer and the API key RPCs. */}}
   value: {{ $p.sensitiveIpAllowlist | toJson | quote }}
 - name: BILTEN_TRUST_FORWARDED_FOR
   value: {{ $p.trustForwardedFor | quote }}
+{{- /* Same value in every pod: ingestion seals, the processor hosts open, compliance destroys
+(docs/compliance.md "Crypto-shredding"); the keys are in the shared PostgreSQL. */}}
+{{- $shred := include "bilten.cryptoShredding" $root }}
+- name: BILTEN_CRYPTO_SHREDDING
+  value: {{ ternary "true" "false" (eq $shred "true") | quote }}
+{{- if eq $shred "true" }}
+- name: BILTEN_SUBJECT_KEY_ENCRYPTION_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "bilten.secretName" $root }}
+      key: subject-key-encryption-key
+{{- end }}
 {{- if $root.Values.schemaRegistry.enabled }}
 # Ingestion checks custom events against definitions in the registry; Pinot decodes by id.
 - name: BILTEN_SCHEMA_REGISTRY_URL
