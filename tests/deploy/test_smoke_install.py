@@ -30,6 +30,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable
@@ -207,10 +208,17 @@ def _existing_secrets(
         "jwt-secret": secrets.token_urlsafe(32),
         "api-key-pepper": secrets.token_urlsafe(32),
         "ip-hash-key": secrets.token_urlsafe(32),
+        "subject-key-encryption-key": secrets.token_urlsafe(32),
         "schema-registry-storage": storage,
         "postgresql-password": "",
     }
     assert set(keys) == set(tools.EXISTING_SECRET_KEYS)
+    if "pg_dsn" in facts:
+        # What docs/deploy.md asks of an existing Secret: the services' shared metadata
+        # (and subject keys) in their own schema of the database.
+        keys["metadata-store-url"] = (
+            f"{facts['pg_dsn']}?options={urllib.parse.quote('-csearch_path=bilten_metadata')}"
+        )
     tls_data, ca = self_signed_tls(workdir)
     made = [
         {
