@@ -60,6 +60,7 @@ from services.platform.telemetry import observe_gauge
 from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
 from services.query.metric_backend import MetricBackend, for_settings
+from services.query.rollups import RollupMaintainer
 from services.query.servicer import QueryServicer
 from services.storage.event_store import DuckDBEventStore
 from services.storage.group_commit import GroupCommitter
@@ -281,6 +282,8 @@ class Mesh:
                 # Cluster shape: the processor hosts apply it to their stores themselves.
                 hosts=self._shared_erasures(),
                 hosts_bound=timedelta(seconds=settings.erasure_apply_interval_seconds),
+                orders=self.event_store,
+                rollups=self._rollup_maintainer,
             ),
             events=self.event_store,
             retention=RetentionPolicies(self.metadata),
@@ -338,6 +341,8 @@ class Mesh:
             lookback=timedelta(days=settings.raw_retention_days + 1),
             keys=self.streaming.subject_keys if self.streaming is not None else None,
             after_erase=self._drop_cached_results,
+            orders=self.event_store,
+            rollups=self._rollup_maintainer,
         )
         await asyncio.to_thread(applier.load)
         await asyncio.to_thread(applier.apply_pending)
@@ -345,6 +350,11 @@ class Mesh:
         self.erasure_applier = applier
         self._closers.append(applier.aclose)
         return applier.erased
+
+    def _rollup_maintainer(self) -> RollupMaintainer | None:
+        """The erasure hook's target: this process's rollups, if it runs the aggregation
+        runtime (set when that starts, hence asked at each erasure)."""
+        return self.aggregation.maintainer if self.aggregation is not None else None
 
     def _drop_cached_results(self, tenant_id: str) -> None:
         if self.aggregation is not None:

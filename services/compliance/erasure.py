@@ -19,6 +19,13 @@ Copies outside the embedded stores (the Kafka topic, the Pinot table fed from it
 - without it, the certificate says NOT ERASED for each such copy rather than claiming it
   (docs/compliance.md).
 
+Rollups (services/query/rollups.py): when this process runs the aggregation runtime
+(`rollups` returns its maintainer), the subject's order ids (`subject_order_ids`: kept by
+the event store past raw retention, like the rollups) are replaced in every tier by opaque
+tokens (`erase_with_rollups`), so every served aggregate stays as it was while no tier
+names the subject's orders. The tiers hold no user or anonymous id; their actor keys are
+unlinked from the id by the event store's erasure.
+
 Cluster shape (`event_log=kafka` with the metadata on PostgreSQL, `hosts` given): this
 process deletes from *its own* event store only; each stream-processor host holds another
 copy and applies the DONE request from the shared metadata store itself
@@ -31,14 +38,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
 
 from services.compliance.consent import ConsentRegistry
+from services.query.rollups import erasure_tokens
 from services.storage.metadata_store import ErasureApplication, ErasureRecord
 
 log = structlog.get_logger(__name__)
@@ -64,6 +72,76 @@ class ErasureStore(Protocol):
 
 class SubjectRows(Protocol):
     def erase_subject(self, tenant_id: str, subject_id: str) -> tuple[int, int]: ...
+
+
+class SubjectOrders(Protocol):
+    """The subject's order ids (DuckDBEventStore), read before its rows are erased."""
+
+    def subject_order_ids(self, tenant_id: str, subject_id: str) -> list[str]: ...
+
+
+class RollupOrders(Protocol):
+    """The rollup erase hook (RollupMaintainer)."""
+
+    def erase_orders(self, tenant_id: str, tokens: Mapping[str, str]) -> int: ...
+
+
+def no_rollups() -> RollupOrders | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RollupErasure:
+    """What `erase_with_rollups` did to the rollup tiers."""
+
+    order_ids: int  # the subject's order ids replaced by tokens
+    rows: int  # tier rows changed (every tier, both passes)
+
+
+def erase_with_rollups(
+    rows: SubjectRows,
+    orders: SubjectOrders | None,
+    rollups: RollupOrders | None,
+    tenant_id: str,
+    subject_id: str,
+) -> tuple[int, int, RollupErasure | None]:
+    """`rows.erase_subject` plus, when this process holds rollups, the replacement of the
+    subject's order ids in them; (rows deleted, actor ids unlinked, rollup result or None).
+
+    Order: the ids are read while the event store still links them to the subject, the
+    tiers are rewritten, then the rows and links are deleted. A failure before the
+    delete leaves the ids findable, so a retry of the request finds and replaces them
+    (already replaced ones are simply not found in the tiers). The tiers are rewritten
+    once more after the delete with the same tokens: a flush running between the two may
+    have recomputed a minute from raw rows still there (`RollupMaintainer.erase_orders`).
+    """
+    if rollups is None or orders is None:
+        deleted, unlinked = rows.erase_subject(tenant_id, subject_id)
+        return deleted, unlinked, None
+    tokens = erasure_tokens(orders.subject_order_ids(tenant_id, subject_id))
+    changed = rollups.erase_orders(tenant_id, tokens)
+    deleted, unlinked = rows.erase_subject(tenant_id, subject_id)
+    changed += rollups.erase_orders(tenant_id, tokens)
+    return deleted, unlinked, RollupErasure(len(tokens), changed)
+
+
+def rollup_line(
+    when: str,
+    result: RollupErasure | None,
+    where: str = "rollups",
+    none: str = "none kept (no aggregation runtime), so nothing changed",
+) -> str:
+    """The certificate line for the rollup tiers of one process; `none` says why nothing
+    was done when `result` is None."""
+    if result is None:
+        return f"{when} {where}: {none}"
+    return (
+        f"{when} {where} (rollups.duckdb, minute/hour/day tiers): {result.order_ids} order"
+        f" ids of the subject replaced by opaque erased: tokens ({result.rows} rows); one"
+        " random token per order, the same in every tier and bucket, so counts, revenue,"
+        " tickets and distinct orders are unchanged; actor_keys keep the subject's former"
+        " key, linked to no id; no user or anonymous id is kept there"
+    )
 
 
 class SubjectKeys(Protocol):
@@ -96,7 +174,12 @@ class ErasureService:
         keys: SubjectKeys | None = None,
         hosts: HostApplications | None = None,
         hosts_bound: timedelta = timedelta(seconds=5),
+        orders: SubjectOrders | None = None,
+        rollups: Callable[[], RollupOrders | None] = no_rollups,
     ) -> None:
+        """`orders` and `rollups`: where the subject's order ids are read and this
+        process's rollup erase hook; `rollups` is asked at each erasure, as the
+        aggregation runtime makes its maintainer when it starts (None: no rollups here)."""
         self._store = store
         self._rows = rows
         self._consent = consent
@@ -112,6 +195,8 @@ class ErasureService:
         # Cluster shape: the stream-processor hosts apply the request to their own stores.
         self._hosts = hosts
         self._hosts_bound = hosts_bound
+        self._orders = orders
+        self._rollups = rollups
 
     def create(self, tenant_id: str, request_id: str, subject_id: str) -> ErasureRecord:
         """Accepts the request and runs it; a retry with the same `request_id` returns
@@ -148,12 +233,30 @@ class ErasureService:
         now: hosts keep applying after the request is DONE)."""
         if self._hosts is None or record.state != "DONE":
             return record
-        lines = [
-            f"{_stamp(a.applied_at)} event store of stream-processor host {a.host_id}:"
-            f" {a.rows_deleted} rows deleted, {a.actors_unlinked} actor ids unlinked,"
-            " the tenant's cached results dropped"
-            for a in self._hosts.erasure_applications(record.erasure_request_id)
-        ]
+        lines = []
+        for a in self._hosts.erasure_applications(record.erasure_request_id):
+            when = _stamp(a.applied_at)
+            lines.append(
+                f"{when} event store of stream-processor host {a.host_id}:"
+                f" {a.rows_deleted} rows deleted, {a.actors_unlinked} actor ids unlinked,"
+                " the tenant's cached results dropped"
+            )
+            rolled = (
+                None
+                if a.rollup_order_ids is None
+                else RollupErasure(a.rollup_order_ids, a.rollup_rows)
+            )
+            # NULL is also what a host of a build before the rollup hook recorded: the
+            # line must not claim it had no rollups.
+            lines.append(
+                rollup_line(
+                    when,
+                    rolled,
+                    f"rollups of stream-processor host {a.host_id}",
+                    "nothing changed (no aggregation runtime on that host, or applied by a"
+                    " build without the rollup erase hook)",
+                )
+            )
         return replace(record, certificate=record.certificate + tuple(lines))
 
     def _run(self, record: ErasureRecord) -> None:
@@ -167,7 +270,9 @@ class ErasureService:
                 # First: from here on no copy sealed with the key can be opened, and no
                 # processor batch opened before is still uncommitted (leases).
                 had_key = self._keys.destroy(tenant_id, subject_id)
-            rows, actors = self._rows.erase_subject(tenant_id, subject_id)
+            rows, actors, rolled = erase_with_rollups(
+                self._rows, self._orders, self._rollups(), tenant_id, subject_id
+            )
             quarantined = self._store.quarantined_ids_mentioning(tenant_id, json.dumps(subject_id))
             removed_quarantine = self._store.delete_quarantined(tenant_id, quarantined)
             consents = self._consent.forget(tenant_id, subject_id)
@@ -192,8 +297,9 @@ class ErasureService:
             *self._host_lines(when),
             f"{when} metadata store (quarantined_events): {removed_quarantine} entries deleted",
             f"{when} metadata store (consents): {consents} decisions deleted",
-            f"{when} rollups (rollups.duckdb): aggregates kept; they hold the subject's"
-            " former actor key, now linked to no id, and order ids (not erased)",
+            rollup_line(
+                when, rolled, "this process's rollups" if self._hosts is not None else "rollups"
+            ),
             f"{when} query result cache: the tenant's entries dropped",
             f"{when} exports: none kept by the platform",
             f"{when} audit log: keeps only a pseudonymous hash of the subject id",
@@ -208,7 +314,8 @@ class ErasureService:
         return [
             f"{when} stream-processor hosts' event stores: not erased by this process; each"
             " host deletes the subject's rows, unlinks its actor id, drops the tenant's"
-            f" cached results and stops storing its events received before now, from this"
+            f" cached results, replaces the subject's order ids in its rollups if it runs the"
+            " aggregation runtime, and stops storing its events received before now, from this"
             f" request in the shared metadata store, within about {bound} s while it runs"
             " (at its next start otherwise); each host that has done so is listed below"
         ]

@@ -25,6 +25,10 @@ applies the erasures itself, from the metadata store they share (PostgreSQL):
   filter is what keeps them out. Events received after the erasure finished are a new
   lifecycle and kept. The set holds the requests finished within the topic's retention
   (older events cannot come back) and grows as the applier sees new ones.
+- Rollups: a host that also runs the aggregation runtime (`rollups` returns its
+  maintainer) replaces the subject's order ids in its rollup tiers by opaque tokens, as
+  the embedded erasure does (`erase_with_rollups`), and records how many in its
+  application, which the certificate lists per host.
 - Ordering inside one host: the applier adds the subject to `ErasedSubjects` first, then
   waits for the batches prepared before that (their own leases, like the key store's) to
   commit, then deletes. A batch prepared after the addition is filtered; one prepared
@@ -50,6 +54,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
+from services.compliance.erasure import (
+    RollupOrders,
+    SubjectOrders,
+    erase_with_rollups,
+    no_rollups,
+)
 from services.compliance.subject_keys import BaseSubjectKeyStore, _Leases
 from services.storage.metadata_store import ErasureApplication, ErasureRecord
 
@@ -185,7 +195,11 @@ class ErasureApplier:
         after_erase: Callable[[str], None] = lambda tenant_id: None,
         lease_wait_seconds: float = 30.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        orders: SubjectOrders | None = None,
+        rollups: Callable[[], RollupOrders | None] = no_rollups,
     ) -> None:
+        """`orders` / `rollups`: as for `ErasureService` (the host's event store and, if it
+        runs the aggregation runtime, its rollup maintainer, asked at each application)."""
         self._feed = feed
         self._rows = rows
         self.host_id = host
@@ -196,6 +210,8 @@ class ErasureApplier:
         self._after_erase = after_erase
         self._lease_wait = lease_wait_seconds
         self._clock = clock
+        self._orders = orders
+        self._rollups = rollups
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.applied = 0
@@ -229,11 +245,19 @@ class ErasureApplier:
                 f"{self._lease_wait} s; retried at the next poll"
             )
         for record in pending:
-            rows, actors = self._rows.erase_subject(record.tenant_id, record.subject_id)
+            rows, actors, rolled = erase_with_rollups(
+                self._rows, self._orders, self._rollups(), record.tenant_id, record.subject_id
+            )
             self._after_erase(record.tenant_id)
             self._feed.record_erasure_applied(
                 ErasureApplication(
-                    record.erasure_request_id, self.host_id, self._clock(), rows, actors
+                    record.erasure_request_id,
+                    self.host_id,
+                    self._clock(),
+                    rows,
+                    actors,
+                    rollup_order_ids=None if rolled is None else rolled.order_ids,
+                    rollup_rows=0 if rolled is None else rolled.rows,
                 )
             )
             log.info(

@@ -47,6 +47,15 @@ tier bucket is widened to the bucket (documented in docs/live.md: older data has
 resolution of its tier). A granularity finer than the tier that holds the data is
 refused (`RollupRangeError`): minute buckets of last year no longer exist.
 
+Erasure (`RollupMaintainer.erase_orders`, called by services/compliance/erasure.py and
+erasure_hosts.py): the tiers keep no user or anonymous id, and `actor_keys` hold dense
+keys that the event store's erasure unlinks from the subject's id. Order ids do identify
+a purchase (and, through ticketing, a person), so each of the subject's order ids is
+replaced, in every tier's `order_ids`, by one opaque `erased:<random uuid>` token: the
+same token in every tier and bucket, distinct per order id. So every served metric
+(distinct orders across any union of buckets included) is unchanged, and nothing maps the
+token back to the order (`erasure_tokens`).
+
 Per-tenant retention (`TenantRetention`): compliance stores a tenant's own policy; the
 reader plans with it (the strictest of all policies for an all-tenant read), `prune`
 drops each tenant's buckets by its own policy, and `rebuild` leaves alone the days a
@@ -58,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -389,6 +399,28 @@ class RollupStore:
     def transaction(self) -> _Transaction:
         return _Transaction(self)
 
+    def replace_order_ids(self, tenant_id: str, tokens: Mapping[str, str]) -> int:
+        """Replaces each order id of `tokens` by its token in the tenant's `order_ids`
+        lists of every tier, in one transaction; returns the rows changed. Idempotent: a
+        replaced id is no longer found. Callers serialise writes (`RollupMaintainer`)."""
+        if not tokens:
+            return 0
+        ids = sorted(tokens)
+        params = {"tenant": tenant_id, "ids": ids, "tokens": [tokens[i] for i in ids]}
+        changed = 0
+        with self.transaction() as cursor:
+            for tier in TIERS:
+                # A list holds an order id at most once and tokens are distinct, so the
+                # result stays a set; sorted again like every list the maintainer writes.
+                row = cursor.execute(
+                    f"UPDATE {tier.table} SET order_ids = list_sort(list_transform(order_ids,"
+                    " lambda o: coalesce($tokens[list_position($ids, o)], o)))"
+                    " WHERE tenant_id = $tenant AND list_has_any(order_ids, $ids)",
+                    params,
+                ).fetchone()
+                changed += int(row[0]) if row else 0
+        return changed
+
     def close(self) -> None:
         """Marks a clean close (no rebuild needed at the next open) and releases the file."""
         with self._lock:
@@ -633,6 +665,20 @@ class RollupMaintainer:
         }
         self._roll_up(cursor, None, hours, tenants)
 
+    def erase_orders(self, tenant_id: str, tokens: Mapping[str, str]) -> int:
+        """Erasure hook: replaces the order ids of `tokens` (order id -> token, from
+        `erasure_tokens`) in every tier; returns the rows changed.
+
+        Dirty minutes are flushed first, so a subject's events not rolled up yet are in
+        the tiers (counted, anonymously) before the event store deletes their raw rows:
+        a flush after that delete would recompute those minutes without them. The
+        caller runs this again after deleting the raw rows, with the same tokens: a
+        flush between the two calls may have recomputed a minute from the rows still
+        there, putting the order id back."""
+        self.flush()
+        with self._work_lock:
+            return self.store.replace_order_ids(tenant_id, tokens)
+
     def prune(self) -> None:
         """Drops tier buckets past their retention (a day's margin: retention is a floor).
 
@@ -657,6 +703,16 @@ class RollupMaintainer:
                         f"DELETE FROM {tier.table} WHERE tenant_id = $t AND bucket_us < $horizon",
                         {"t": tenant_id, "horizon": horizon(policy, tier)},
                     )
+
+
+def erasure_tokens(order_ids: Iterable[str]) -> dict[str, str]:
+    """One opaque token per order id: `erased:` and a random UUID, unrelated to the id.
+
+    One token per order (not one for all of them, not one per row): the tiers count
+    distinct orders across buckets and tiers by their ids, so an order paid over two
+    minutes must stay one value everywhere and two orders must stay two values; random,
+    not a hash of the id, so nobody holding the order id can find its rows again."""
+    return {order_id: f"erased:{uuid.uuid4()}" for order_id in sorted(set(order_ids))}
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,14 @@ the position they were read up to commit together, and a consumer that lost its
 partition in a rebalance cannot write a batch the new owner also writes
 (services/streaming/processor.py). Other callers never pass offsets.
 
+Order owners (table `tenant_order_actors`: tenant_id, order_id, actor_key): which actor
+each non-empty `order_id` was seen with, written in the same transaction as the rows (one
+INSERT ... SELECT DISTINCT over the batch). Erasure needs it: the rollup tiers keep order
+ids for exact distinct-order counts long after raw retention deleted the rows, so the
+subject's order ids must be found without raw rows (`subject_order_ids`). So retention
+never deletes from it; `erase_subject` deletes the subject's rows. An older file gets the
+table at open, filled once from the raw rows it still holds.
+
 Concurrency: DuckDB lets one process open the file. All appends go through one writer
 cursor under a lock (one transaction each); every read gets its own cursor of the same
 database, so reads run in parallel with appends and see only committed batches (MVCC).
@@ -72,6 +80,7 @@ from services.events.model import TrackedEvent
 TABLE = "tracked_events"
 ACTORS_TABLE = "tenant_actors"
 STREAM_OFFSETS_TABLE = "stream_offsets"
+ORDER_ACTORS_TABLE = "tenant_order_actors"
 SCHEMA_VERSION = 1
 
 # Largest key a tenant's actors may take: the column is 32-bit to keep scans and
@@ -189,6 +198,17 @@ class StaleStreamOffsetError(RuntimeError):
     consumer wrote it. The batch was rolled back."""
 
 
+# The subject's actor keys and raw-row order ids, over the named parameters $tenant,
+# $subject, $u (`u:<subject>`) and $a (`a:<subject>`).
+_SUBJECT_KEYS = (
+    f"SELECT actor_key FROM {ACTORS_TABLE} WHERE tenant_id = $tenant AND actor_id IN ($u, $a)"
+)
+_SUBJECT_RAW_ORDERS = (
+    f"SELECT order_id FROM {TABLE} WHERE tenant_id = $tenant"
+    " AND (user_id = $subject OR anonymous_id = $subject) AND order_id <> ''"
+)
+
+
 def _require_aware(name: str, values: Sequence[datetime]) -> None:
     # pyarrow would read a naive datetime as UTC without a word; the model promises
     # aware UTC times, so a naive one is a caller bug worth failing loudly on.
@@ -249,6 +269,7 @@ class DuckDBEventStore:
             " kafka_partition INTEGER NOT NULL, next_offset BIGINT NOT NULL,"
             " PRIMARY KEY (topic, kafka_partition))"
         )
+        self._create_order_actors()
         # Reads run caller-supplied SQL: no file, network or extension access from it.
         self._conn.execute("SET GLOBAL enable_external_access = false")
         self._conn.execute("SET GLOBAL lock_configuration = true")
@@ -286,6 +307,34 @@ class DuckDBEventStore:
                 f"{self.path} has event store schema v{version}; this build reads v{SCHEMA_VERSION}"
             )
         self._conn.execute("COMMIT")
+
+    def _create_order_actors(self) -> None:
+        """The order -> actor table (module docstring), outside the versioned schema like
+        `stream_offsets`. A file from before it existed gets it filled from its raw rows
+        in the same transaction, so no order id still in raw is missing from it (orders
+        already past raw retention were gone before this table existed)."""
+        self._conn.execute("BEGIN")
+        try:
+            found = self._conn.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [ORDER_ACTORS_TABLE]
+            ).fetchone()
+            if not (found and found[0]):
+                # The primary key lets each commit add its batch's pairs with ON CONFLICT
+                # DO NOTHING instead of an anti-join against the whole table.
+                self._conn.execute(
+                    f"CREATE TABLE {ORDER_ACTORS_TABLE} (tenant_id VARCHAR NOT NULL,"
+                    " order_id VARCHAR NOT NULL, actor_key INTEGER NOT NULL,"
+                    " PRIMARY KEY (tenant_id, order_id, actor_key))"
+                )
+                self._conn.execute(
+                    f"INSERT INTO {ORDER_ACTORS_TABLE} SELECT DISTINCT tenant_id, order_id,"
+                    f" actor_key FROM {TABLE} WHERE order_id <> '' AND actor_key IS NOT NULL"
+                )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                self._conn.execute("ROLLBACK")
+            raise
 
     def _load_actor_keys(self) -> None:
         # One row per tenant with its actors as two lists: building each tenant's dict
@@ -372,7 +421,10 @@ class DuckDBEventStore:
 
         The actor row keeps its key (keys stay unique and dense) but its id becomes an
         opaque `erased:` token, so the table no longer names the subject; the key also
-        leaves the in-memory map, so later events of the same id get a fresh key.
+        leaves the in-memory map, so later events of the same id get a fresh key. The
+        subject's `tenant_order_actors` rows go too (those of its actor keys and of the
+        order ids on its raw rows), so call `subject_order_ids` before this when the
+        rollups' order ids are to be replaced.
         """
         actor_ids = [f"u:{subject_id}", f"a:{subject_id}"]
         with self._write_lock:
@@ -387,6 +439,17 @@ class DuckDBEventStore:
                     [tenant_id, subject_id, subject_id],
                 ).fetchone()
                 deleted = int(row[0]) if row else 0
+                # Before the raw rows and the actor ids it is found by are gone.
+                cursor.execute(
+                    f"DELETE FROM {ORDER_ACTORS_TABLE} WHERE tenant_id = $tenant AND"
+                    f" (actor_key IN ({_SUBJECT_KEYS}) OR order_id IN ({_SUBJECT_RAW_ORDERS}))",
+                    {
+                        "tenant": tenant_id,
+                        "subject": subject_id,
+                        "u": actor_ids[0],
+                        "a": actor_ids[1],
+                    },
+                )
                 cursor.execute(
                     f"DELETE FROM {TABLE} WHERE tenant_id = ?"
                     " AND (user_id = ? OR anonymous_id = ?)",
@@ -414,6 +477,23 @@ class DuckDBEventStore:
                 self._actor_keys.get(tenant_id, {}).pop(actor_id, None)
             self._fsync_directory()
         return deleted, unlinked
+
+    def subject_order_ids(self, tenant_id: str, subject_id: str) -> list[str]:
+        """The distinct order ids of the subject (sorted): those `tenant_order_actors`
+        links to its actor keys, kept past raw retention, plus those on raw rows naming
+        it as user or anonymous id (an event of both ids is keyed by the user id)."""
+        table = self.read(
+            f"SELECT order_id FROM {ORDER_ACTORS_TABLE} WHERE tenant_id = $tenant"
+            f" AND actor_key IN ({_SUBJECT_KEYS})"
+            f" UNION SELECT order_id FROM ({_SUBJECT_RAW_ORDERS}) ORDER BY order_id",
+            {
+                "tenant": tenant_id,
+                "subject": subject_id,
+                "u": f"u:{subject_id}",
+                "a": f"a:{subject_id}",
+            },
+        )
+        return [str(value) for value in table.column(0).to_pylist()]
 
     def delete_occurred_before(self, tenant_id: str, cutoff: datetime) -> int:
         """Deletes the tenant's rows whose `occurred_at` is before `cutoff` (raw-tier
@@ -500,6 +580,13 @@ class DuckDBEventStore:
             if new_actors.num_rows:
                 cursor.register("_bilten_actors", new_actors)
                 cursor.execute(f"INSERT INTO {ACTORS_TABLE} BY NAME SELECT * FROM _bilten_actors")
+            # Set-based, in the commit of the rows: an acknowledged order is always
+            # findable by its actor when an erasure asks (module docstring).
+            cursor.execute(
+                f"INSERT INTO {ORDER_ACTORS_TABLE} SELECT DISTINCT tenant_id, order_id,"
+                " actor_key FROM _bilten_batch WHERE order_id <> '' AND actor_key IS NOT NULL"
+                " ON CONFLICT DO NOTHING"
+            )
             cursor.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(duckdb.Error):

@@ -297,6 +297,10 @@ class ErasureApplication:
     applied_at: datetime
     rows_deleted: int
     actors_unlinked: int
+    # The host's rollup tiers: order ids of the subject replaced by tokens, and tier rows
+    # changed; None when the host runs no aggregation runtime (no rollups there).
+    rollup_order_ids: int | None = None
+    rollup_rows: int = 0
 
 
 class Row(Protocol):

@@ -169,6 +169,11 @@ _SCHEMA: tuple[str, ...] = (
       actors_unlinked    BIGINT NOT NULL,
       PRIMARY KEY (erasure_request_id, host_id)
     )""",
+    # What the host did to its rollups (issue #6); added columns, so no version bump. NULL
+    # order ids: the host has no rollups (or applied it before this column existed).
+    "ALTER TABLE erasure_applications ADD COLUMN IF NOT EXISTS rollup_order_ids BIGINT",
+    "ALTER TABLE erasure_applications"
+    " ADD COLUMN IF NOT EXISTS rollup_rows BIGINT NOT NULL DEFAULT 0",
     """CREATE TABLE IF NOT EXISTS used_token_ids (
       jti        TEXT PRIMARY KEY,
       expires_at TEXT COLLATE "C" NOT NULL
@@ -786,16 +791,21 @@ class PostgresMetadataStore:
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO erasure_applications (erasure_request_id, host_id, applied_at,"
-                " rows_deleted, actors_unlinked) VALUES (%s, %s, %s, %s, %s)"
+                " rows_deleted, actors_unlinked, rollup_order_ids, rollup_rows)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (erasure_request_id, host_id) DO UPDATE SET"
                 " applied_at = excluded.applied_at, rows_deleted = excluded.rows_deleted,"
-                " actors_unlinked = excluded.actors_unlinked",
+                " actors_unlinked = excluded.actors_unlinked,"
+                " rollup_order_ids = excluded.rollup_order_ids,"
+                " rollup_rows = excluded.rollup_rows",
                 (
                     application.erasure_request_id,
                     application.host_id,
                     _to_text(application.applied_at),
                     application.rows_deleted,
                     application.actors_unlinked,
+                    application.rollup_order_ids,
+                    application.rollup_rows,
                 ),
             )
 
@@ -812,6 +822,10 @@ class PostgresMetadataStore:
                 applied_at=_from_text(row["applied_at"]),
                 rows_deleted=int(row["rows_deleted"]),
                 actors_unlinked=int(row["actors_unlinked"]),
+                rollup_order_ids=(
+                    None if row["rollup_order_ids"] is None else int(row["rollup_order_ids"])
+                ),
+                rollup_rows=int(row["rollup_rows"]),
             )
             for row in rows
         ]

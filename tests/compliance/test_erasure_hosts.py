@@ -4,9 +4,11 @@ DuckDB stores (one for the compliance pod, one per host)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from services.compliance.consent import ConsentRegistry
 from services.compliance.erasure import ErasureService
 from services.compliance.erasure_hosts import ErasedSubjects, ErasureApplier, host_id
 from services.events.model import TrackedEvent, TrackedEventType
+from services.query.rollups import TIERS, RetentionPolicy, RollupMaintainer, RollupStore
 from services.storage.event_store import DuckDBEventStore, events_to_table
 from services.storage.postgres_metadata_store import PostgresMetadataStore
 from tests.storage.metadata_backends import fresh_postgres_schema, postgres_dsn
@@ -169,3 +172,56 @@ def test_the_delete_waits_for_batches_prepared_before_it(
     thread.join()
     assert host.read("SELECT count(*) FROM tracked_events").column(0)[0].as_py() == 0
     host.close()
+
+
+@pytest.mark.postgres
+def test_a_host_with_rollups_replaces_the_order_ids_there_and_it_is_certified(
+    tmp_path: Path, shared: PostgresMetadataStore
+) -> None:
+    purchases = [
+        dataclasses.replace(
+            _event(i, user, at=T0 + timedelta(minutes=i)),
+            event_type=TrackedEventType.CONVERSION,
+            event_name="ticket_purchased",
+            order_id=order,
+            currency="EUR",
+            revenue=Decimal("10"),
+            quantity=1,
+        )
+        for i, (user, order) in enumerate((("kim", "kim-o1"), ("kim", "kim-o2"), ("ola", "ola-o1")))
+    ]
+    with_rollups = DuckDBEventStore(tmp_path / "host0.duckdb")
+    without = DuckDBEventStore(tmp_path / "host1.duckdb")
+    rollup_store = RollupStore(tmp_path / "rollups.duckdb")
+    maintainer = RollupMaintainer(with_rollups, rollup_store, RetentionPolicy())
+    for store in (with_rollups, without):
+        store.append(purchases)
+    maintainer.observe_events(purchases)
+    maintainer.flush()
+    service = ErasureService(
+        shared, DuckDBEventStore(tmp_path / "c.duckdb"), ConsentRegistry(shared), hosts=shared
+    )
+    done = service.create("t1", "req-1", "kim")
+    assert any("this process's rollups: none kept (no aggregation runtime)" in x
+               for x in done.certificate)  # fmt: skip
+    assert any("replaces the subject's order ids in its rollups" in x for x in done.certificate)
+
+    assert _applier(
+        shared, with_rollups, "host-0", orders=with_rollups, rollups=lambda: maintainer
+    ).apply_pending() == 1  # fmt: skip
+    assert _applier(shared, without, "host-1", orders=without).apply_pending() == 1
+
+    for tier in TIERS:
+        ids = rollup_store.read(f"SELECT DISTINCT unnest(order_ids) FROM {tier.table}")
+        orders = set(ids.column(0).to_pylist())
+        assert "ola-o1" in orders and not {"kim-o1", "kim-o2"} & orders, tier
+        assert len([o for o in orders if o.startswith("erased:")]) == 2, tier
+    got = service.get("t1", done.erasure_request_id)
+    assert got is not None
+    lines = [x for x in got.certificate if "rollups of stream-processor host" in x]
+    assert len(lines) == 2
+    assert "host host-0 (rollups.duckdb, minute/hour/day tiers): 2 order ids" in lines[0]
+    assert "host host-1: nothing changed (no aggregation runtime on that host" in lines[1]
+    rollup_store.close()
+    for store in (with_rollups, without):
+        store.close()

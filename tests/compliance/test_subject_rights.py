@@ -7,6 +7,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -15,9 +16,13 @@ from bilten.analytics.compliance.v1 import compliance_service_pb2 as pb
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as ipb
 from bilten.analytics.query.v1 import query_service_pb2 as qpb
 from bilten.analytics.query.v1 import query_service_pb2_grpc as q_grpc
+from bilten.analytics.type.v1 import tracked_event_pb2 as te
 
 from services.compliance.consent import ConsentMode
 from services.platform.auth import Role
+from services.query import rollups
+from services.query.metrics import Granularity, Scope, TimeRange
+from services.query.rollups import RollupStore, Tier
 from tests.compliance.conftest import Env, start_env
 from tests.conftest import tracked_event
 
@@ -148,6 +153,78 @@ async def test_erasure_leaves_nothing_of_the_subject(env: Env) -> None:
     assert all("gina" not in f"{e.resource}{e.actor}" for e in audit_rows)
     result = await query.ExecuteQuery(sql, metadata=admin)
     assert "hank" in str(result) and "gina" not in str(result)
+
+
+def _tier_orders(store: RollupStore, tenant_id: str) -> dict[Tier, set[str]]:
+    return {
+        tier: set(
+            store.read(
+                f"SELECT DISTINCT unnest(order_ids) FROM {tier.table} WHERE tenant_id = ?",
+                [tenant_id],
+            )
+            .column(0)
+            .to_pylist()
+        )
+        for tier in rollups.TIERS
+    }
+
+
+async def test_erasure_replaces_the_subjects_order_ids_in_the_rollups(env: Env) -> None:
+    purchases = []
+    for user, order, ago in (
+        ("lena", "lena-o1", timedelta(minutes=5)),
+        ("lena", "lena-o2", timedelta(hours=2)),
+        ("mark", "mark-o1", timedelta(minutes=5)),
+    ):
+        purchase = tracked_event(
+            "ticket_purchased",
+            event_type=te.TRACKED_EVENT_TYPE_CONVERSION,
+            user_id=user,
+            ago=ago,
+            revenue=("EUR", 12, 0),
+            quantity=2,
+        )
+        purchase.ticketing.order_id = order
+        purchases.append(purchase)
+    response = await env.ingestion.IngestEvents(
+        ipb.IngestEventsRequest(events=purchases), metadata=env.md(env.credentials["write_key"])
+    )
+    assert all(r.status == ipb.INGEST_STATUS_ACCEPTED for r in response.results)
+    assert env.mesh.aggregation is not None
+    maintainer = env.mesh.aggregation.maintainer
+    assert maintainer is not None
+    maintainer.flush()
+    store = maintainer.store
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = TimeRange(today - timedelta(days=1), today + timedelta(days=1))
+
+    def revenue() -> object:
+        return rollups.revenue(store, Tier.DAY, Scope.tenant(env.tenant), days, Granularity.DAY)
+
+    before = revenue()
+    assert sum(r.orders for r in rollups.revenue(
+        store, Tier.DAY, Scope.tenant(env.tenant), days, Granularity.MONTH
+    )) == 3  # fmt: skip
+    assert all({"lena-o1", "lena-o2", "mark-o1"} <= ids for ids in _tier_orders(
+        store, env.tenant
+    ).values())  # fmt: skip
+
+    created = await env.compliance.CreateErasureRequest(
+        pb.CreateErasureRequestRequest(request_id="erase-lena", subject_id="lena"),
+        metadata=env.md(env.token(Role.COMPLIANCE_OFFICER, single_use=True)),
+    )
+    request = created.erasure_request
+    assert request.state == pb.ERASURE_STATE_DONE
+    (line,) = [x for x in request.certificate_lines if " rollups " in x]
+    assert "rollups (rollups.duckdb, minute/hour/day tiers): 2 order ids" in line
+    assert "not erased" not in line
+
+    for tier, ids in _tier_orders(store, env.tenant).items():
+        assert "mark-o1" in ids and not {"lena-o1", "lena-o2"} & ids, tier
+        assert len([o for o in ids if o.startswith("erased:")]) == 2, tier
+    assert revenue() == before  # her orders still count, anonymously
+    links = env.mesh.event_store.read("SELECT order_id FROM tenant_order_actors")
+    assert sorted(links.column(0).to_pylist()) == ["mark-o1"]
 
 
 async def test_export_json_lines_and_csv(env: Env) -> None:

@@ -266,3 +266,61 @@ def test_reader_is_a_cursor_that_close_waits_for(tmp_path: Path) -> None:
     assert seen == [(1,)]
     with pytest.raises(RuntimeError, match="closed"):
         store.reader().__enter__()
+
+
+def _owners(store: DuckDBEventStore) -> list[tuple[str, str, int]]:
+    table = store.read("SELECT * FROM tenant_order_actors ORDER BY ALL")
+    return [(r["tenant_id"], r["order_id"], r["actor_key"]) for r in table.to_pylist()]
+
+
+def test_order_owners_are_kept_past_retention_and_erased_with_the_subject(
+    tmp_path: Path,
+) -> None:
+    with DuckDBEventStore(tmp_path / "events.duckdb") as store:
+        old = T0 - timedelta(days=10)
+        store.append(
+            [
+                event("1", user_id="ann", order_id="o-1"),
+                event("2", user_id="ann", order_id="o-1"),  # the same pair once
+                event("3", user_id="", anonymous_id="ann", order_id="o-2"),
+                event("4", user_id="bob", anonymous_id="ann", order_id="o-3"),  # bob's key
+                event("5", user_id="bob", order_id="o-4"),
+                event("6", user_id="ann", order_id=""),  # no order: no row
+                event("7", user_id="", order_id="o-5"),  # no actor: no row
+                event("8", user_id="ann", order_id="o-old", occurred_at=old),
+                event("9", tenant_id="globex", user_id="ann", order_id="o-1"),
+            ]
+        )
+        ann, anon_ann, bob = 0, 1, 2
+        assert _owners(store) == [
+            ("acme", "o-1", ann),
+            ("acme", "o-2", anon_ann),
+            ("acme", "o-3", bob),
+            ("acme", "o-4", bob),
+            ("acme", "o-old", ann),
+            ("globex", "o-1", 0),
+        ]
+        store.append([event("10", user_id="ann", order_id="o-1")])  # already known
+        assert len(_owners(store)) == 6
+        # Raw retention deletes rows, not the links: the rollups still hold the order.
+        assert store.delete_occurred_before("acme", T0 - timedelta(days=1)) == 1
+        assert ("acme", "o-old", ann) in _owners(store)
+        # Her orders: by her keys (past retention too) and by raw rows naming her.
+        assert store.subject_order_ids("acme", "ann") == ["o-1", "o-2", "o-3", "o-old"]
+        store.erase_subject("acme", "ann")
+        assert store.subject_order_ids("acme", "ann") == []
+        assert _owners(store) == [("acme", "o-4", bob), ("globex", "o-1", 0)]
+
+
+def test_an_older_file_gets_the_order_owners_from_its_raw_rows(tmp_path: Path) -> None:
+    path = tmp_path / "events.duckdb"
+    with DuckDBEventStore(path) as store:
+        store.append([event("1", user_id="ann", order_id="o-1"), event("2", order_id="o-2")])
+    conn = duckdb.connect(str(path))  # a file written before the table existed
+    conn.execute("DROP TABLE tenant_order_actors")
+    conn.close()
+    with DuckDBEventStore(path) as store:
+        assert _owners(store) == [("acme", "o-1", 0), ("acme", "o-2", 1)]
+        assert store.subject_order_ids("acme", "ann") == ["o-1"]
+    with DuckDBEventStore(path) as store:  # filled once, not again
+        assert len(_owners(store)) == 2
