@@ -9,10 +9,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from services.platform.settings import PlatformSettings
 
 log = structlog.get_logger("bilten.cli")
 
@@ -36,6 +39,17 @@ def _settings(args: argparse.Namespace) -> object:
         raise SystemExit(2) from exc
 
 
+def one_process_defaults(settings: PlatformSettings) -> PlatformSettings:
+    """`up` with the Kafka event log seals personal fields per subject unless told
+    otherwise: every part (ingestion, processor, compliance) runs in this one process and
+    shares the data dir's key store, so nothing can go wrong, and the topic never holds
+    them in clear (docs/compliance.md). `serve` keeps the setting's own default, since
+    separate processes must be given one shared key store first."""
+    if settings.event_log == "kafka" and "crypto_shredding" not in settings.model_fields_set:
+        return settings.model_copy(update={"crypto_shredding": True})
+    return settings
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,6 +68,7 @@ async def _up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     assert isinstance(settings, PlatformSettings)
+    settings = one_process_defaults(settings)
     configure_telemetry("bilten-analytics", settings.metrics_port, settings.metrics_host)
     mesh = Mesh.open(settings)
     registry = mesh.registry()
