@@ -118,7 +118,7 @@ async def _ingest(log: KafkaEventLog, batches: list[list[TrackedEvent]], in_flig
 
 
 def _drain(
-    bootstrap: str, topic: str, registry_url: str, data_dir: Path, total: int
+    bootstrap: str, topic: str, registry_url: str, data_dir: Path, total: int, workers: int = 1
 ) -> tuple[float, float, StreamProcessor, DuckDBEventStore]:
     """Seconds from the processor's start to the last event stored, and the steady rate:
     events after the first commit / time from that commit to the last (the group join
@@ -132,6 +132,7 @@ def _drain(
             group_id=f"bench-{uuid.uuid4().hex[:8]}",
             session_timeout_ms=6000,
             dedup_window_seconds=86_400,
+            workers=workers,
         ),
         store,
         WriterSchemas(registry_url, None),
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pinot-controller", default="")
     parser.add_argument("--pinot-broker", default="")
     parser.add_argument("--broker-pid", type=int, default=0, help="Kafka JVM pid, for its CPU")
+    parser.add_argument("--workers", type=int, default=1, help="processor consumer threads")
     args = parser.parse_args(argv)
 
     from schema_registry.app import create_app
@@ -249,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         meter = _CpuMeter(args.broker_pid or None)
         seconds, steady, processor, store = await asyncio.to_thread(
-            _drain, args.bootstrap, topic, registry_url, work, args.events
+            _drain, args.bootstrap, topic, registry_url, work, args.events, args.workers
         )
         result["processor_to_store"] = {
             "events": args.events,
             "seconds_from_start": round(seconds, 3),
             "events_per_second": round(args.events / seconds),
             "steady_events_per_second": round(steady),
+            "workers": args.workers,
             "batches": processor.stats.batches,
             "note": "events_per_second includes the consumer group join (~0.5-3 s); "
             "steady_events_per_second is measured from the first commit to the last",
