@@ -26,7 +26,9 @@ columns; a v1 file is upgraded in place when opened (columns added, nothing rewr
 The cluster shape uses `PostgresMetadataStore` (postgres_metadata_store.py) instead: the
 same `MetadataStore` Protocol over the same tables, sharing the dataclasses, the row
 mapping (`*_from_row`, on any row readable by column name) and the page tokens defined
-here. `open_metadata_store` picks one from the `metadata_store_url` setting.
+here, and the SQL both dialects run alike (`_SqlMetadataStore`, written once with `?`
+placeholders; each store keeps only its connections, schema, locks and the statements
+that differ). `open_metadata_store` picks one from the `metadata_store_url` setting.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 SCHEMA_VERSION = 2
 # Files this build opens; older ones are upgraded by `_upgrade`.
@@ -492,8 +495,520 @@ def quarantine_entry_from_row(row: Row) -> QuarantineEntry:
     )
 
 
-class SQLiteMetadataStore:
-    """`MetadataStore` on one SQLite file (WAL, synchronous=FULL); thread-safe."""
+class _Cursor(Protocol):
+    """What the shared code reads from an executed statement (sqlite3 or psycopg)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+
+_ConnT = TypeVar("_ConnT")
+
+
+class _SqlMetadataStore(ABC, Generic[_ConnT]):
+    """The SQL both stores run, written once with `?` placeholders; the dialect
+    subclasses supply connections and transactions (`_transaction`, `_query`,
+    `_execute`, which for PostgreSQL turns `?` into `%s`), the schema, and the methods
+    whose statements or locking differ. None of these statements has a `?` inside a
+    string literal."""
+
+    # The function giving the position of a substring (0 when absent).
+    _STRPOS: ClassVar[str]
+    # Inserts a used token id (jti, expires_at), doing nothing when it is already there.
+    _INSERT_USED_JTI: ClassVar[str]
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[_ConnT]:
+        """Commits when the block ends normally, rolls back on an exception."""
+
+    @abstractmethod
+    def _query(self, statement: str, params: Sequence[object] = ()) -> Sequence[Row]:
+        """All rows of one read statement."""
+
+    @abstractmethod
+    def _execute(self, conn: _ConnT, statement: str, params: Sequence[object] = ()) -> _Cursor:
+        """One statement inside a `_transaction`."""
+
+    @abstractmethod
+    def _executemany(
+        self, conn: _ConnT, statement: str, params: Sequence[Sequence[object]]
+    ) -> None:
+        """One statement per parameter tuple inside a `_transaction`."""
+
+    @abstractmethod
+    def _stream(
+        self, statement: str, params: Sequence[object]
+    ) -> AbstractContextManager[Iterable[Row]]:
+        """The rows of one read statement, one at a time, from one snapshot."""
+
+    @abstractmethod
+    def _integrity_error(self, exc: Exception) -> str:
+        """The kind of constraint when `exc` is the driver's refusal of a row by one
+        ("foreign_key" or "unique"), "" for any other exception."""
+
+    def _lock_audit_chain(self, conn: _ConnT, tenant_id: str) -> None:
+        """Serialises appends to one tenant's chain (until the transaction ends)."""
+
+    def _lock_consent(self, conn: _ConnT) -> None:
+        """Serialises consent writes (until the transaction ends)."""
+
+    def _check_audit_position(self, before: int) -> None:
+        """Raises `InvalidPageTokenError` for a page position the database cannot hold."""
+
+    def _bool_param(self, value: bool) -> object:
+        return value
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- tenants ---------------------------------------------------------------------
+
+    def create_tenant(self, tenant: Tenant) -> None:
+        try:
+            with self._transaction() as conn:
+                self._execute(
+                    conn,
+                    "INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?)",
+                    (tenant.tenant_id, tenant.name, _to_text(tenant.created_at)),
+                )
+        except Exception as exc:
+            if not self._integrity_error(exc):
+                raise
+            raise AlreadyExistsError(f"tenant {tenant.tenant_id!r} exists") from exc
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        rows = self._query("SELECT * FROM tenants WHERE tenant_id = ?", (tenant_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        return Tenant(row["tenant_id"], row["name"], _from_text(row["created_at"]))
+
+    def list_tenants(self) -> list[Tenant]:
+        rows = self._query("SELECT * FROM tenants ORDER BY tenant_id")
+        return [Tenant(r["tenant_id"], r["name"], _from_text(r["created_at"])) for r in rows]
+
+    # --- API keys --------------------------------------------------------------------
+
+    def add_api_key(self, key: ApiKeyRecord) -> None:
+        """Stores a key; its tenant must exist. Raises `AlreadyExistsError` on a reused id."""
+        try:
+            with self._transaction() as conn:
+                self._execute(
+                    conn,
+                    "INSERT INTO api_keys (key_id, tenant_id, secret_hash, scopes, created_at,"
+                    " revoked_at, display_name) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key.key_id,
+                        key.tenant_id,
+                        key.secret_hash,
+                        " ".join(sorted(key.scopes)),
+                        _to_text(key.created_at),
+                        _to_text(key.revoked_at) if key.revoked_at else None,
+                        key.display_name,
+                    ),
+                )
+        except Exception as exc:
+            kind = self._integrity_error(exc)
+            if kind == "foreign_key":
+                raise LookupError(f"tenant {key.tenant_id!r} does not exist") from exc
+            if kind == "unique":
+                raise AlreadyExistsError(f"API key {key.key_id!r} exists") from exc
+            raise
+
+    def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+        return api_key_from_row(rows[0]) if rows else None
+
+    def find_api_key_by_hash(self, secret_hash: str) -> ApiKeyRecord | None:
+        rows = self._query("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
+        return api_key_from_row(rows[0]) if rows else None
+
+    def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
+        rows = self._query(
+            "SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at, key_id", (tenant_id,)
+        )
+        return [api_key_from_row(r) for r in rows]
+
+    def revoke_api_key(self, tenant_id: str, key_id: str, revoked_at: datetime) -> bool:
+        """Marks the key revoked (keeps the first revocation time); False if not found."""
+        with self._transaction() as conn:
+            cursor = self._execute(
+                conn,
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?)"
+                " WHERE tenant_id = ? AND key_id = ?",
+                (_to_text(revoked_at), tenant_id, key_id),
+            )
+            return cursor.rowcount > 0
+
+    # --- quarantine ------------------------------------------------------------------
+
+    def add_quarantined(self, entries: Sequence[QuarantineEntry]) -> None:
+        """Stores all entries in one transaction (all or none)."""
+        if not entries:
+            return
+        with self._transaction() as conn:
+            self._executemany(
+                conn,
+                "INSERT INTO quarantined_events (quarantined_event_id, tenant_id, received_at,"
+                " reason, field_path, message, event_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.quarantined_event_id,
+                        e.tenant_id,
+                        _to_text(e.received_at),
+                        e.reason,
+                        e.field_path,
+                        e.message,
+                        e.event_json,
+                    )
+                    for e in entries
+                ],
+            )
+
+    def list_quarantined(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[QuarantineEntry], str]:
+        """One page of the tenant's entries, newest first, and the next page's token.
+
+        `page_size` 0 means `DEFAULT_PAGE_SIZE`; above `MAX_PAGE_SIZE` it is lowered to
+        it (AIP-158). The token is "" on the last page.
+        """
+        if page_size < 0:
+            raise ValueError("page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        if page_token:
+            received_at, last_id = _decode_page_token(tenant_id, page_token)
+            rows = self._query(
+                "SELECT * FROM quarantined_events WHERE tenant_id = ?"
+                " AND (received_at, quarantined_event_id) < (?, ?)"
+                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT ?",
+                (tenant_id, received_at, last_id, size + 1),
+            )
+        else:
+            rows = self._query(
+                "SELECT * FROM quarantined_events WHERE tenant_id = ?"
+                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT ?",
+                (tenant_id, size + 1),
+            )
+        page = rows[:size]
+        next_token = ""
+        if len(rows) > size:
+            last = page[-1]
+            next_token = _encode_page_token(
+                tenant_id, last["received_at"], last["quarantined_event_id"]
+            )
+        return [quarantine_entry_from_row(r) for r in page], next_token
+
+    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]:
+        """Ids of the tenant's quarantined events whose stored JSON contains `needle` (a
+        JSON-quoted subject id), for erasure: rejected events hold PII too."""
+        rows = self._query(
+            "SELECT quarantined_event_id FROM quarantined_events WHERE tenant_id = ?"
+            f" AND {self._STRPOS}(event_json, ?) > 0",
+            (tenant_id, needle),
+        )
+        return [r["quarantined_event_id"] for r in rows]
+
+    # --- single-use tokens -------------------------------------------------------------
+
+    def burn_token_id(self, jti: str, expires_at: datetime, now: datetime) -> bool:
+        """Records a single-use token id; False when it was presented before.
+
+        Expired ids are pruned here: their tokens fail the expiry check anyway, so the
+        table only ever holds ids of tokens still alive.
+        """
+        with self._transaction() as conn:
+            self._execute(conn, "DELETE FROM used_token_ids WHERE expires_at < ?", (_to_text(now),))
+            cursor = self._execute(conn, self._INSERT_USED_JTI, (jti, _to_text(expires_at)))
+            return cursor.rowcount == 1
+
+    # --- audit log ---------------------------------------------------------------------
+
+    def append_audit(
+        self,
+        tenant_id: str,
+        actor: str,
+        action: str,
+        resource: str,
+        peer: str,
+        outcome: str,
+        at: datetime,
+    ) -> AuditRecord:
+        """Appends one entry to the tenant's chain. The previous hash is read inside the
+        same transaction as the insert, under the chain's lock (`_lock_audit_chain`), so
+        concurrent writers cannot fork the chain."""
+        at_text = _to_text(at)
+        with self._transaction() as conn:
+            self._lock_audit_chain(conn, tenant_id)
+            last = self._execute(
+                conn,
+                "SELECT sequence, entry_hash FROM audit_log WHERE tenant_id = ?"
+                " ORDER BY sequence DESC LIMIT 1",
+                (tenant_id,),
+            ).fetchone()
+            sequence = (last["sequence"] if last else 0) + 1
+            prev_hash = last["entry_hash"] if last else AUDIT_GENESIS_HASH
+            entry_hash = audit_entry_hash(
+                prev_hash, tenant_id, sequence, actor, action, resource, peer, outcome, at_text
+            )
+            self._execute(
+                conn,
+                "INSERT INTO audit_log (tenant_id, sequence, actor, action, resource, peer,"
+                " outcome, at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant_id,
+                    sequence,
+                    actor,
+                    action,
+                    resource,
+                    peer,
+                    outcome,
+                    at_text,
+                    prev_hash,
+                    entry_hash,
+                ),
+            )
+        return AuditRecord(
+            tenant_id, sequence, actor, action, resource, peer, outcome,
+            _from_text(at_text), prev_hash, entry_hash,
+        )  # fmt: skip
+
+    def list_audit(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditRecord], str]:
+        """One page of the tenant's entries, newest first; the token is "" on the last."""
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before = 2**62
+        if page_token:
+            _, last = _decode_page_token(tenant_id, page_token)
+            if not last.isdigit():
+                raise InvalidPageTokenError("malformed page token")
+            before = int(last)
+            self._check_audit_position(before)
+        rows = self._query(
+            "SELECT * FROM audit_log WHERE tenant_id = ? AND sequence < ?"
+            " ORDER BY sequence DESC LIMIT ?",
+            (tenant_id, before, size + 1),
+        )
+        page = [audit_from_row(r) for r in rows[:size]]
+        token = (
+            _encode_page_token(tenant_id, "", str(page[-1].sequence)) if len(rows) > size else ""
+        )
+        return page, token
+
+    def audit_tenants(self) -> list[str]:
+        rows = self._query("SELECT DISTINCT tenant_id FROM audit_log ORDER BY 1")
+        return [r["tenant_id"] for r in rows]
+
+    def verify_audit_chain(self, tenant_id: str) -> AuditChainReport:
+        """Recomputes the tenant's chain from its first entry; reports the first entry
+        whose stored hash, predecessor link or sequence does not match."""
+        with self._stream(
+            "SELECT * FROM audit_log WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
+        ) as rows:
+            prev_hash = AUDIT_GENESIS_HASH
+            checked = 0
+            for row in rows:
+                checked += 1
+                expected = audit_entry_hash(
+                    prev_hash,
+                    row["tenant_id"],
+                    row["sequence"],
+                    row["actor"],
+                    row["action"],
+                    row["resource"],
+                    row["peer"],
+                    row["outcome"],
+                    row["at"],
+                )
+                if (
+                    row["sequence"] != checked
+                    or row["prev_hash"] != prev_hash
+                    or row["entry_hash"] != expected
+                ):
+                    return AuditChainReport(tenant_id, checked, checked)
+                prev_hash = row["entry_hash"]
+        return AuditChainReport(tenant_id, checked, 0)
+
+    # --- consent -----------------------------------------------------------------------
+
+    def _bump_consent_resets(self, conn: _ConnT) -> None:
+        self._execute(
+            conn,
+            "INSERT INTO metadata_counters (name, value) VALUES (?, 1)"
+            " ON CONFLICT (name) DO UPDATE SET value = metadata_counters.value + 1",
+            (CONSENT_RESETS_COUNTER,),
+        )
+
+    def add_consent(self, entry: ConsentEntry) -> None:
+        with self._transaction() as conn:
+            self._lock_consent(conn)
+            self._execute(
+                conn,
+                "INSERT INTO consents (tenant_id, subject_id, purpose, granted, source,"
+                " policy_version, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.tenant_id,
+                    entry.subject_id,
+                    entry.purpose,
+                    self._bool_param(entry.granted),
+                    entry.source,
+                    entry.policy_version,
+                    _to_text(entry.recorded_at),
+                ),
+            )
+
+    def consent_history(self, tenant_id: str, subject_id: str) -> list[ConsentEntry]:
+        """Every decision of the subject, newest first."""
+        rows = self._query(
+            "SELECT * FROM consents WHERE tenant_id = ? AND subject_id = ?"
+            " ORDER BY consent_id DESC",
+            (tenant_id, subject_id),
+        )
+        return [consent_from_row(r) for r in rows]
+
+    def latest_consents(self, purpose: str) -> list[ConsentEntry]:
+        """The latest decision for `purpose` of every subject of every tenant (to warm
+        the ingestion consent cache at start)."""
+        rows = self._query(
+            "SELECT c.* FROM consents c JOIN (SELECT max(consent_id) AS id FROM consents"
+            " WHERE purpose = ? GROUP BY tenant_id, subject_id) m ON c.consent_id = m.id",
+            (purpose,),
+        )
+        return [consent_from_row(r) for r in rows]
+
+    def consents_between(self, purpose: str, after_id: int, up_to_id: int) -> list[ConsentEntry]:
+        """Decisions for `purpose` with after_id < consent_id <= up_to_id, oldest first."""
+        rows = self._query(
+            "SELECT * FROM consents WHERE consent_id > ? AND consent_id <= ? AND purpose = ?"
+            " ORDER BY consent_id",
+            (after_id, up_to_id, purpose),
+        )
+        return [consent_from_row(r) for r in rows]
+
+    def delete_consents(self, tenant_id: str, subject_id: str) -> int:
+        with self._transaction() as conn:
+            self._lock_consent(conn)
+            cursor = self._execute(
+                conn,
+                "DELETE FROM consents WHERE tenant_id = ? AND subject_id = ?",
+                (tenant_id, subject_id),
+            )
+            deleted = cursor.rowcount
+            self._bump_consent_resets(conn)
+            return deleted
+
+    def set_consent_mode(self, tenant_id: str, mode: str) -> None:
+        if mode not in ("assumed", "required"):
+            raise ValueError(f"consent mode must be 'assumed' or 'required', got {mode!r}")
+        with self._transaction() as conn:
+            self._lock_consent(conn)
+            self._execute(
+                conn,
+                "INSERT INTO tenant_compliance_settings (tenant_id, consent_mode) VALUES (?, ?)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET consent_mode = excluded.consent_mode",
+                (tenant_id, mode),
+            )
+            self._bump_consent_resets(conn)
+
+    def consent_modes(self) -> dict[str, str]:
+        rows = self._query("SELECT tenant_id, consent_mode FROM tenant_compliance_settings")
+        return {r["tenant_id"]: r["consent_mode"] for r in rows}
+
+    # --- retention ---------------------------------------------------------------------
+
+    def get_retention(self, tenant_id: str) -> RetentionDays | None:
+        rows = self._query("SELECT * FROM retention_policies WHERE tenant_id = ?", (tenant_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return RetentionDays(
+            r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
+        )
+
+    def retention_policies(self) -> dict[str, RetentionDays]:
+        """Every tenant's own retention policy (tenants without one are absent), for
+        the rollup maintainer's pruning."""
+        rows = self._query("SELECT * FROM retention_policies ORDER BY tenant_id")
+        return {
+            r["tenant_id"]: RetentionDays(
+                r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
+            )
+            for r in rows
+        }
+
+    def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None:
+        with self._transaction() as conn:
+            self._execute(
+                conn,
+                "INSERT INTO retention_policies (tenant_id, raw_days, minute_rollup_days,"
+                " hour_rollup_days, day_rollup_days, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET raw_days = excluded.raw_days,"
+                " minute_rollup_days = excluded.minute_rollup_days,"
+                " hour_rollup_days = excluded.hour_rollup_days,"
+                " day_rollup_days = excluded.day_rollup_days, updated_at = excluded.updated_at",
+                (
+                    tenant_id,
+                    policy.raw_days,
+                    policy.minute_rollup_days,
+                    policy.hour_rollup_days,
+                    policy.day_rollup_days,
+                    _to_text(at),
+                ),
+            )
+
+    # --- erasure -----------------------------------------------------------------------
+
+    def update_erasure(
+        self,
+        erasure_request_id: str,
+        state: str,
+        finished_at: datetime | None = None,
+        certificate: Sequence[str] = (),
+        error_message: str = "",
+    ) -> None:
+        with self._transaction() as conn:
+            self._execute(
+                conn,
+                "UPDATE erasure_requests SET state = ?, finished_at = ?, certificate_json = ?,"
+                " error_message = ? WHERE erasure_request_id = ?",
+                (
+                    state,
+                    _to_text(finished_at) if finished_at else None,
+                    json.dumps(list(certificate)),
+                    error_message,
+                    erasure_request_id,
+                ),
+            )
+
+    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
+        rows = self._query(
+            "SELECT * FROM erasure_requests WHERE tenant_id = ? AND erasure_request_id = ?",
+            (tenant_id, erasure_request_id),
+        )
+        return erasure_from_row(rows[0]) if rows else None
+
+
+class SQLiteMetadataStore(_SqlMetadataStore[sqlite3.Connection]):
+    """`MetadataStore` on one SQLite file (WAL, synchronous=FULL); thread-safe. Its one
+    connection's IMMEDIATE transactions serialise every write, so the audit chain and
+    consent need no locks of their own."""
+
+    _STRPOS = "instr"
+    _INSERT_USED_JTI = "INSERT OR IGNORE INTO used_token_ids (jti, expires_at) VALUES (?, ?)"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -547,149 +1062,34 @@ class SQLiteMetadataStore:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def _execute(
+        self, conn: sqlite3.Connection, statement: str, params: Sequence[object] = ()
+    ) -> sqlite3.Cursor:
+        return conn.execute(statement, params)
+
+    def _executemany(
+        self, conn: sqlite3.Connection, statement: str, params: Sequence[Sequence[object]]
+    ) -> None:
+        conn.executemany(statement, params)
+
+    @contextmanager
+    def _stream(self, statement: str, params: Sequence[object]) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            yield self._conn.execute(statement, params)
+
+    def _integrity_error(self, exc: Exception) -> str:
+        if not isinstance(exc, sqlite3.IntegrityError):
+            return ""
+        return "foreign_key" if "FOREIGN KEY" in str(exc) else "unique"
+
+    def _bool_param(self, value: bool) -> object:
+        return int(value)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> SQLiteMetadataStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # --- tenants ---------------------------------------------------------------------
-
-    def create_tenant(self, tenant: Tenant) -> None:
-        try:
-            with self._transaction() as conn:
-                conn.execute(
-                    "INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?)",
-                    (tenant.tenant_id, tenant.name, _to_text(tenant.created_at)),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExistsError(f"tenant {tenant.tenant_id!r} exists") from exc
-
-    def get_tenant(self, tenant_id: str) -> Tenant | None:
-        rows = self._query("SELECT * FROM tenants WHERE tenant_id = ?", (tenant_id,))
-        if not rows:
-            return None
-        row = rows[0]
-        return Tenant(row["tenant_id"], row["name"], _from_text(row["created_at"]))
-
-    def list_tenants(self) -> list[Tenant]:
-        rows = self._query("SELECT * FROM tenants ORDER BY tenant_id")
-        return [Tenant(r["tenant_id"], r["name"], _from_text(r["created_at"])) for r in rows]
-
-    # --- API keys --------------------------------------------------------------------
-
-    def add_api_key(self, key: ApiKeyRecord) -> None:
-        """Stores a key; its tenant must exist. Raises `AlreadyExistsError` on a reused id."""
-        try:
-            with self._transaction() as conn:
-                conn.execute(
-                    "INSERT INTO api_keys (key_id, tenant_id, secret_hash, scopes, created_at,"
-                    " revoked_at, display_name) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key.key_id,
-                        key.tenant_id,
-                        key.secret_hash,
-                        " ".join(sorted(key.scopes)),
-                        _to_text(key.created_at),
-                        _to_text(key.revoked_at) if key.revoked_at else None,
-                        key.display_name,
-                    ),
-                )
-        except sqlite3.IntegrityError as exc:
-            if "FOREIGN KEY" in str(exc):
-                raise LookupError(f"tenant {key.tenant_id!r} does not exist") from exc
-            raise AlreadyExistsError(f"API key {key.key_id!r} exists") from exc
-
-    def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        rows = self._query("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
-        return api_key_from_row(rows[0]) if rows else None
-
-    def find_api_key_by_hash(self, secret_hash: str) -> ApiKeyRecord | None:
-        rows = self._query("SELECT * FROM api_keys WHERE secret_hash = ?", (secret_hash,))
-        return api_key_from_row(rows[0]) if rows else None
-
-    def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        rows = self._query(
-            "SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at, key_id", (tenant_id,)
-        )
-        return [api_key_from_row(r) for r in rows]
-
-    def revoke_api_key(self, tenant_id: str, key_id: str, revoked_at: datetime) -> bool:
-        """Marks the key revoked (keeps the first revocation time); False if not found."""
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?)"
-                " WHERE tenant_id = ? AND key_id = ?",
-                (_to_text(revoked_at), tenant_id, key_id),
-            )
-            return cursor.rowcount > 0
-
-    # --- quarantine ------------------------------------------------------------------
-
-    def add_quarantined(self, entries: Sequence[QuarantineEntry]) -> None:
-        """Stores all entries in one transaction (all or none)."""
-        if not entries:
-            return
-        with self._transaction() as conn:
-            conn.executemany(
-                "INSERT INTO quarantined_events (quarantined_event_id, tenant_id, received_at,"
-                " reason, field_path, message, event_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        e.quarantined_event_id,
-                        e.tenant_id,
-                        _to_text(e.received_at),
-                        e.reason,
-                        e.field_path,
-                        e.message,
-                        e.event_json,
-                    )
-                    for e in entries
-                ],
-            )
-
-    def list_quarantined(
-        self, tenant_id: str, page_size: int, page_token: str
-    ) -> tuple[list[QuarantineEntry], str]:
-        """One page of the tenant's entries, newest first, and the next page's token.
-
-        `page_size` 0 means `DEFAULT_PAGE_SIZE`; above `MAX_PAGE_SIZE` it is lowered to
-        it (AIP-158). The token is "" on the last page.
-        """
-        if page_size < 0:
-            raise ValueError("page_size must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        if page_token:
-            received_at, last_id = _decode_page_token(tenant_id, page_token)
-            rows = self._query(
-                "SELECT * FROM quarantined_events WHERE tenant_id = ?"
-                " AND (received_at, quarantined_event_id) < (?, ?)"
-                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT ?",
-                (tenant_id, received_at, last_id, size + 1),
-            )
-        else:
-            rows = self._query(
-                "SELECT * FROM quarantined_events WHERE tenant_id = ?"
-                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT ?",
-                (tenant_id, size + 1),
-            )
-        page = rows[:size]
-        next_token = ""
-        if len(rows) > size:
-            last = page[-1]
-            next_token = _encode_page_token(
-                tenant_id, last["received_at"], last["quarantined_event_id"]
-            )
-        return [quarantine_entry_from_row(r) for r in page], next_token
+    # --- statements of this dialect ----------------------------------------------------
 
     def get_quarantined(self, tenant_id: str, ids: Sequence[str]) -> dict[str, QuarantineEntry]:
         """The tenant's entries among `ids`, by id; other tenants' ids are simply absent."""
@@ -718,8 +1118,6 @@ class SQLiteMetadataStore:
                 deleted += cursor.rowcount
         return deleted
 
-    # --- API key rotation --------------------------------------------------------------
-
     def rotate_api_key(
         self, tenant_id: str, key_id: str, new_secret_hash: str, previous_valid_until: datetime
     ) -> ApiKeyRecord | None:
@@ -737,163 +1135,6 @@ class SQLiteMetadataStore:
             row = conn.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
         return api_key_from_row(row)
 
-    # --- single-use tokens -------------------------------------------------------------
-
-    def burn_token_id(self, jti: str, expires_at: datetime, now: datetime) -> bool:
-        """Records a single-use token id; False when it was presented before.
-
-        Expired ids are pruned here: their tokens fail the expiry check anyway, so the
-        table only ever holds ids of tokens still alive.
-        """
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM used_token_ids WHERE expires_at < ?", (_to_text(now),))
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO used_token_ids (jti, expires_at) VALUES (?, ?)",
-                (jti, _to_text(expires_at)),
-            )
-            return cursor.rowcount == 1
-
-    # --- audit log ---------------------------------------------------------------------
-
-    def append_audit(
-        self,
-        tenant_id: str,
-        actor: str,
-        action: str,
-        resource: str,
-        peer: str,
-        outcome: str,
-        at: datetime,
-    ) -> AuditRecord:
-        """Appends one entry to the tenant's chain. The previous hash is read inside the
-        same IMMEDIATE transaction, so concurrent writers (threads or processes) cannot
-        fork the chain."""
-        at_text = _to_text(at)
-        with self._transaction() as conn:
-            last = conn.execute(
-                "SELECT sequence, entry_hash FROM audit_log WHERE tenant_id = ?"
-                " ORDER BY sequence DESC LIMIT 1",
-                (tenant_id,),
-            ).fetchone()
-            sequence = (last["sequence"] if last else 0) + 1
-            prev_hash = last["entry_hash"] if last else AUDIT_GENESIS_HASH
-            entry_hash = audit_entry_hash(
-                prev_hash, tenant_id, sequence, actor, action, resource, peer, outcome, at_text
-            )
-            conn.execute(
-                "INSERT INTO audit_log (tenant_id, sequence, actor, action, resource, peer,"
-                " outcome, at, prev_hash, entry_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    tenant_id,
-                    sequence,
-                    actor,
-                    action,
-                    resource,
-                    peer,
-                    outcome,
-                    at_text,
-                    prev_hash,
-                    entry_hash,
-                ),
-            )
-        return AuditRecord(
-            tenant_id, sequence, actor, action, resource, peer, outcome,
-            _from_text(at_text), prev_hash, entry_hash,
-        )  # fmt: skip
-
-    def list_audit(
-        self, tenant_id: str, page_size: int, page_token: str
-    ) -> tuple[list[AuditRecord], str]:
-        """One page of the tenant's entries, newest first; the token is "" on the last."""
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        before = 2**62
-        if page_token:
-            _, last = _decode_page_token(tenant_id, page_token)
-            if not last.isdigit():
-                raise InvalidPageTokenError("malformed page token")
-            before = int(last)
-        rows = self._query(
-            "SELECT * FROM audit_log WHERE tenant_id = ? AND sequence < ?"
-            " ORDER BY sequence DESC LIMIT ?",
-            (tenant_id, before, size + 1),
-        )
-        page = [audit_from_row(r) for r in rows[:size]]
-        token = (
-            _encode_page_token(tenant_id, "", str(page[-1].sequence)) if len(rows) > size else ""
-        )
-        return page, token
-
-    def audit_tenants(self) -> list[str]:
-        return [r[0] for r in self._query("SELECT DISTINCT tenant_id FROM audit_log ORDER BY 1")]
-
-    def verify_audit_chain(self, tenant_id: str) -> AuditChainReport:
-        """Recomputes the tenant's chain from its first entry; reports the first entry
-        whose stored hash, predecessor link or sequence does not match."""
-        with self._lock:
-            cursor = self._conn.execute(
-                "SELECT * FROM audit_log WHERE tenant_id = ? ORDER BY sequence", (tenant_id,)
-            )
-            prev_hash = AUDIT_GENESIS_HASH
-            checked = 0
-            for row in cursor:
-                checked += 1
-                expected = audit_entry_hash(
-                    prev_hash,
-                    row["tenant_id"],
-                    row["sequence"],
-                    row["actor"],
-                    row["action"],
-                    row["resource"],
-                    row["peer"],
-                    row["outcome"],
-                    row["at"],
-                )
-                if (
-                    row["sequence"] != checked
-                    or row["prev_hash"] != prev_hash
-                    or row["entry_hash"] != expected
-                ):
-                    return AuditChainReport(tenant_id, checked, checked)
-                prev_hash = row["entry_hash"]
-        return AuditChainReport(tenant_id, checked, 0)
-
-    # --- consent -----------------------------------------------------------------------
-
-    def add_consent(self, entry: ConsentEntry) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO consents (tenant_id, subject_id, purpose, granted, source,"
-                " policy_version, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.tenant_id,
-                    entry.subject_id,
-                    entry.purpose,
-                    int(entry.granted),
-                    entry.source,
-                    entry.policy_version,
-                    _to_text(entry.recorded_at),
-                ),
-            )
-
-    def consent_history(self, tenant_id: str, subject_id: str) -> list[ConsentEntry]:
-        """Every decision of the subject, newest first."""
-        rows = self._query(
-            "SELECT * FROM consents WHERE tenant_id = ? AND subject_id = ?"
-            " ORDER BY consent_id DESC",
-            (tenant_id, subject_id),
-        )
-        return [consent_from_row(r) for r in rows]
-
-    def latest_consents(self, purpose: str) -> list[ConsentEntry]:
-        """The latest decision for `purpose` of every subject of every tenant (to warm
-        the ingestion consent cache at start)."""
-        rows = self._query(
-            "SELECT c.* FROM consents c JOIN (SELECT max(consent_id) AS id FROM consents"
-            " WHERE purpose = ? GROUP BY tenant_id, subject_id) m ON c.consent_id = m.id",
-            (purpose,),
-        )
-        return [consent_from_row(r) for r in rows]
-
     def consent_position(self) -> tuple[int, int]:
         """(resets counter, newest consent id) for processes following the store: read
         the counter first, so a reset racing this read is seen by the next one."""
@@ -903,89 +1144,6 @@ class SQLiteMetadataStore:
             ).fetchone()
             top = self._conn.execute("SELECT max(consent_id) FROM consents").fetchone()[0]
         return (resets[0] if resets else 0), (top or 0)
-
-    def consents_between(self, purpose: str, after_id: int, up_to_id: int) -> list[ConsentEntry]:
-        """Decisions for `purpose` with after_id < consent_id <= up_to_id, oldest first."""
-        rows = self._query(
-            "SELECT * FROM consents WHERE consent_id > ? AND consent_id <= ? AND purpose = ?"
-            " ORDER BY consent_id",
-            (after_id, up_to_id, purpose),
-        )
-        return [consent_from_row(r) for r in rows]
-
-    def _bump_consent_resets(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO metadata_counters (name, value) VALUES (?, 1)"
-            " ON CONFLICT (name) DO UPDATE SET value = value + 1",
-            (CONSENT_RESETS_COUNTER,),
-        )
-
-    def delete_consents(self, tenant_id: str, subject_id: str) -> int:
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "DELETE FROM consents WHERE tenant_id = ? AND subject_id = ?",
-                (tenant_id, subject_id),
-            )
-            self._bump_consent_resets(conn)
-            return cursor.rowcount
-
-    def set_consent_mode(self, tenant_id: str, mode: str) -> None:
-        if mode not in ("assumed", "required"):
-            raise ValueError(f"consent mode must be 'assumed' or 'required', got {mode!r}")
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO tenant_compliance_settings (tenant_id, consent_mode) VALUES (?, ?)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET consent_mode = excluded.consent_mode",
-                (tenant_id, mode),
-            )
-            self._bump_consent_resets(conn)
-
-    def consent_modes(self) -> dict[str, str]:
-        rows = self._query("SELECT tenant_id, consent_mode FROM tenant_compliance_settings")
-        return {r[0]: r[1] for r in rows}
-
-    # --- retention ---------------------------------------------------------------------
-
-    def get_retention(self, tenant_id: str) -> RetentionDays | None:
-        rows = self._query("SELECT * FROM retention_policies WHERE tenant_id = ?", (tenant_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return RetentionDays(
-            r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
-        )
-
-    def retention_policies(self) -> dict[str, RetentionDays]:
-        """Every tenant's own retention policy (tenants without one are absent), for
-        the rollup maintainer's pruning."""
-        rows = self._query("SELECT * FROM retention_policies ORDER BY tenant_id")
-        return {
-            r["tenant_id"]: RetentionDays(
-                r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
-            )
-            for r in rows
-        }
-
-    def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO retention_policies (tenant_id, raw_days, minute_rollup_days,"
-                " hour_rollup_days, day_rollup_days, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET raw_days = excluded.raw_days,"
-                " minute_rollup_days = excluded.minute_rollup_days,"
-                " hour_rollup_days = excluded.hour_rollup_days,"
-                " day_rollup_days = excluded.day_rollup_days, updated_at = excluded.updated_at",
-                (
-                    tenant_id,
-                    policy.raw_days,
-                    policy.minute_rollup_days,
-                    policy.hour_rollup_days,
-                    policy.day_rollup_days,
-                    _to_text(at),
-                ),
-            )
-
-    # --- erasure -----------------------------------------------------------------------
 
     def create_erasure(self, record: ErasureRecord) -> tuple[ErasureRecord, bool]:
         """Stores a new request, or returns the tenant's existing one with the same
@@ -1012,44 +1170,6 @@ class SQLiteMetadataStore:
                 ),
             )
         return record, True
-
-    def update_erasure(
-        self,
-        erasure_request_id: str,
-        state: str,
-        finished_at: datetime | None = None,
-        certificate: Sequence[str] = (),
-        error_message: str = "",
-    ) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "UPDATE erasure_requests SET state = ?, finished_at = ?, certificate_json = ?,"
-                " error_message = ? WHERE erasure_request_id = ?",
-                (
-                    state,
-                    _to_text(finished_at) if finished_at else None,
-                    json.dumps(list(certificate)),
-                    error_message,
-                    erasure_request_id,
-                ),
-            )
-
-    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
-        rows = self._query(
-            "SELECT * FROM erasure_requests WHERE tenant_id = ? AND erasure_request_id = ?",
-            (tenant_id, erasure_request_id),
-        )
-        return erasure_from_row(rows[0]) if rows else None
-
-    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]:
-        """Ids of the tenant's quarantined events whose stored JSON contains `needle` (a
-        JSON-quoted subject id), for erasure: rejected events hold PII too."""
-        rows = self._query(
-            "SELECT quarantined_event_id FROM quarantined_events WHERE tenant_id = ?"
-            " AND instr(event_json, ?) > 0",
-            (tenant_id, needle),
-        )
-        return [r[0] for r in rows]
 
 
 def audit_from_row(row: Row) -> AuditRecord:

@@ -16,9 +16,10 @@ What SQLite's single writer gave for free is made explicit here:
 - idempotent erasure creation and single-use token ids rely on unique constraints and
   `ON CONFLICT`, so concurrent retries resolve to one row.
 
-Columns are the SQLite ones (times as fixed-width UTC text), so the row mapping and the page
-tokens are shared with metadata_store.py; ordered text columns use the "C" collation so rows
-sort byte-wise, as in SQLite, whatever the database's locale.
+Columns are the SQLite ones (times as fixed-width UTC text), so the row mapping, the page
+tokens and every statement the two dialects run alike (`_SqlMetadataStore`, its `?`
+placeholders sent as `%s`) are shared with metadata_store.py; ordered text columns use
+the "C" collation so rows sort byte-wise, as in SQLite, whatever the database's locale.
 
 The schema is created at open (under an advisory lock: several pods start at once) in the
 first schema of the connection's `search_path` (created if missing, e.g. `?options=
@@ -28,11 +29,9 @@ database); `metadata_schema_version` holds the version like SQLite's `user_versi
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from types import TracebackType
 
 import psycopg
 from psycopg import sql
@@ -41,30 +40,17 @@ from psycopg_pool import ConnectionPool
 
 from services.storage.metadata_store import (
     _READABLE_VERSIONS,
-    AUDIT_GENESIS_HASH,
     CONSENT_RESETS_COUNTER,
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     SCHEMA_VERSION,
-    AlreadyExistsError,
     ApiKeyRecord,
-    AuditChainReport,
-    AuditRecord,
-    ConsentEntry,
     ErasureApplication,
     ErasureRecord,
     InvalidPageTokenError,
     QuarantineEntry,
-    RetentionDays,
-    Tenant,
-    _decode_page_token,
-    _encode_page_token,
     _from_text,
+    _SqlMetadataStore,
     _to_text,
     api_key_from_row,
-    audit_entry_hash,
-    audit_from_row,
-    consent_from_row,
     erasure_from_row,
     quarantine_entry_from_row,
 )
@@ -187,8 +173,21 @@ _SCHEMA: tuple[str, ...] = (
 Connection = psycopg.Connection[DictRow]
 
 
-class PostgresMetadataStore:
+def _placeholders(statement: str) -> str:
+    """The shared statements' `?` placeholders as psycopg's `%s` (none of them has a `?`
+    or a `%` inside a string literal; this module's own statements use `%s` already)."""
+    return statement.replace("?", "%s")
+
+
+class PostgresMetadataStore(_SqlMetadataStore[Connection]):
     """`MetadataStore` on PostgreSQL through a psycopg connection pool; thread-safe."""
+
+    _STRPOS = "strpos"
+    _INSERT_USED_JTI = (
+        # The primary key decides, by any pod: a concurrent insert of the same id waits
+        # for the first one's commit and then does nothing.
+        "INSERT INTO used_token_ids (jti, expires_at) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING"
+    )
 
     def __init__(self, dsn: str, *, pool_size: int = 8, open_timeout: float = 30.0) -> None:
         # The DSN (it may carry the password) is handed to the pool and not kept here.
@@ -248,96 +247,55 @@ class PostgresMetadataStore:
     def _query(self, statement: str, params: Sequence[object] = ()) -> list[DictRow]:
         """One statement in autocommit: its own snapshot, one round trip."""
         with self._pool.connection() as conn:
-            return conn.execute(statement, params).fetchall()
+            return conn.execute(_placeholders(statement), params).fetchall()
+
+    def _execute(
+        self, conn: Connection, statement: str, params: Sequence[object] = ()
+    ) -> psycopg.Cursor[DictRow]:
+        return conn.execute(_placeholders(statement), params)
+
+    def _executemany(
+        self, conn: Connection, statement: str, params: Sequence[Sequence[object]]
+    ) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(_placeholders(statement), params)
+
+    @contextmanager
+    def _stream(self, statement: str, params: Sequence[object]) -> Iterator[Iterable[DictRow]]:
+        # A server-side cursor streams the rows instead of holding them all in memory.
+        with self._transaction() as conn, conn.cursor(name="verify_audit_chain") as cur:
+            cur.execute(_placeholders(statement), params)
+            yield cur
+
+    def _integrity_error(self, exc: Exception) -> str:
+        if isinstance(exc, psycopg.errors.ForeignKeyViolation):
+            return "foreign_key"
+        if isinstance(exc, psycopg.errors.UniqueViolation):
+            return "unique"
+        return ""
+
+    def _lock_audit_chain(self, conn: Connection, tenant_id: str) -> None:
+        # Held from reading the previous hash to the commit, so pods appending at once
+        # queue up instead of forking the chain.
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_AUDIT_LOCK_CLASS, tenant_id)
+        )
+
+    def _lock_consent(self, conn: Connection) -> None:
+        # Taken before the consent id is drawn: ids then commit in order (module docstring).
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _CONSENT_LOCK))
+
+    def _check_audit_position(self, before: int) -> None:
+        if before > 2**62:  # beyond BIGINT; no such sequence was ever written
+            raise InvalidPageTokenError("malformed page token")
 
     def close(self) -> None:
         self._pool.close()
 
-    def __enter__(self) -> PostgresMetadataStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return "PostgresMetadataStore()"  # never the DSN: it may carry the password
 
-    # --- tenants ---------------------------------------------------------------------
-
-    def create_tenant(self, tenant: Tenant) -> None:
-        try:
-            with self._transaction() as conn:
-                conn.execute(
-                    "INSERT INTO tenants (tenant_id, name, created_at) VALUES (%s, %s, %s)",
-                    (tenant.tenant_id, tenant.name, _to_text(tenant.created_at)),
-                )
-        except psycopg.errors.UniqueViolation as exc:
-            raise AlreadyExistsError(f"tenant {tenant.tenant_id!r} exists") from exc
-
-    def get_tenant(self, tenant_id: str) -> Tenant | None:
-        rows = self._query("SELECT * FROM tenants WHERE tenant_id = %s", (tenant_id,))
-        if not rows:
-            return None
-        row = rows[0]
-        return Tenant(row["tenant_id"], row["name"], _from_text(row["created_at"]))
-
-    def list_tenants(self) -> list[Tenant]:
-        rows = self._query("SELECT * FROM tenants ORDER BY tenant_id")
-        return [Tenant(r["tenant_id"], r["name"], _from_text(r["created_at"])) for r in rows]
-
-    # --- API keys --------------------------------------------------------------------
-
-    def add_api_key(self, key: ApiKeyRecord) -> None:
-        """Stores a key; its tenant must exist. Raises `AlreadyExistsError` on a reused id."""
-        try:
-            with self._transaction() as conn:
-                conn.execute(
-                    "INSERT INTO api_keys (key_id, tenant_id, secret_hash, scopes, created_at,"
-                    " revoked_at, display_name) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        key.key_id,
-                        key.tenant_id,
-                        key.secret_hash,
-                        " ".join(sorted(key.scopes)),
-                        _to_text(key.created_at),
-                        _to_text(key.revoked_at) if key.revoked_at else None,
-                        key.display_name,
-                    ),
-                )
-        except psycopg.errors.ForeignKeyViolation as exc:
-            raise LookupError(f"tenant {key.tenant_id!r} does not exist") from exc
-        except psycopg.errors.UniqueViolation as exc:
-            raise AlreadyExistsError(f"API key {key.key_id!r} exists") from exc
-
-    def find_api_key(self, key_id: str) -> ApiKeyRecord | None:
-        rows = self._query("SELECT * FROM api_keys WHERE key_id = %s", (key_id,))
-        return api_key_from_row(rows[0]) if rows else None
-
-    def find_api_key_by_hash(self, secret_hash: str) -> ApiKeyRecord | None:
-        rows = self._query("SELECT * FROM api_keys WHERE secret_hash = %s", (secret_hash,))
-        return api_key_from_row(rows[0]) if rows else None
-
-    def list_api_keys(self, tenant_id: str) -> list[ApiKeyRecord]:
-        rows = self._query(
-            "SELECT * FROM api_keys WHERE tenant_id = %s ORDER BY created_at, key_id",
-            (tenant_id,),
-        )
-        return [api_key_from_row(r) for r in rows]
-
-    def revoke_api_key(self, tenant_id: str, key_id: str, revoked_at: datetime) -> bool:
-        """Marks the key revoked (keeps the first revocation time); False if not found."""
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, %s)"
-                " WHERE tenant_id = %s AND key_id = %s",
-                (_to_text(revoked_at), tenant_id, key_id),
-            )
-            return cursor.rowcount > 0
+    # --- statements of this dialect ----------------------------------------------------
 
     def rotate_api_key(
         self, tenant_id: str, key_id: str, new_secret_hash: str, previous_valid_until: datetime
@@ -351,61 +309,6 @@ class PostgresMetadataStore:
             (_to_text(previous_valid_until), new_secret_hash, tenant_id, key_id),
         )
         return api_key_from_row(rows[0]) if rows else None
-
-    # --- quarantine ------------------------------------------------------------------
-
-    def add_quarantined(self, entries: Sequence[QuarantineEntry]) -> None:
-        """Stores all entries in one transaction (all or none)."""
-        if not entries:
-            return
-        with self._transaction() as conn, conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO quarantined_events (quarantined_event_id, tenant_id, received_at,"
-                " reason, field_path, message, event_json) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (
-                        e.quarantined_event_id,
-                        e.tenant_id,
-                        _to_text(e.received_at),
-                        e.reason,
-                        e.field_path,
-                        e.message,
-                        e.event_json,
-                    )
-                    for e in entries
-                ],
-            )
-
-    def list_quarantined(
-        self, tenant_id: str, page_size: int, page_token: str
-    ) -> tuple[list[QuarantineEntry], str]:
-        """One page of the tenant's entries, newest first, and the next page's token
-        (the rules of `SQLiteMetadataStore.list_quarantined`)."""
-        if page_size < 0:
-            raise ValueError("page_size must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        if page_token:
-            received_at, last_id = _decode_page_token(tenant_id, page_token)
-            rows = self._query(
-                "SELECT * FROM quarantined_events WHERE tenant_id = %s"
-                " AND (received_at, quarantined_event_id) < (%s, %s)"
-                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT %s",
-                (tenant_id, received_at, last_id, size + 1),
-            )
-        else:
-            rows = self._query(
-                "SELECT * FROM quarantined_events WHERE tenant_id = %s"
-                " ORDER BY received_at DESC, quarantined_event_id DESC LIMIT %s",
-                (tenant_id, size + 1),
-            )
-        page = rows[:size]
-        next_token = ""
-        if len(rows) > size:
-            last = page[-1]
-            next_token = _encode_page_token(
-                tenant_id, last["received_at"], last["quarantined_event_id"]
-            )
-        return [quarantine_entry_from_row(r) for r in page], next_token
 
     def get_quarantined(self, tenant_id: str, ids: Sequence[str]) -> dict[str, QuarantineEntry]:
         """The tenant's entries among `ids`, by id; other tenants' ids are simply absent."""
@@ -431,192 +334,6 @@ class PostgresMetadataStore:
             )
             return cursor.rowcount
 
-    def quarantined_ids_mentioning(self, tenant_id: str, needle: str) -> list[str]:
-        """Ids of the tenant's quarantined events whose stored JSON contains `needle`."""
-        rows = self._query(
-            "SELECT quarantined_event_id FROM quarantined_events WHERE tenant_id = %s"
-            " AND strpos(event_json, %s) > 0",
-            (tenant_id, needle),
-        )
-        return [r["quarantined_event_id"] for r in rows]
-
-    # --- single-use tokens -------------------------------------------------------------
-
-    def burn_token_id(self, jti: str, expires_at: datetime, now: datetime) -> bool:
-        """Records a single-use token id; False when it was presented before, by any pod:
-        the primary key decides, and a concurrent insert of the same id waits for the
-        first one's commit and then does nothing."""
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM used_token_ids WHERE expires_at < %s", (_to_text(now),))
-            cursor = conn.execute(
-                "INSERT INTO used_token_ids (jti, expires_at) VALUES (%s, %s)"
-                " ON CONFLICT (jti) DO NOTHING",
-                (jti, _to_text(expires_at)),
-            )
-            return cursor.rowcount == 1
-
-    # --- audit log ---------------------------------------------------------------------
-
-    def append_audit(
-        self,
-        tenant_id: str,
-        actor: str,
-        action: str,
-        resource: str,
-        peer: str,
-        outcome: str,
-        at: datetime,
-    ) -> AuditRecord:
-        """Appends one entry to the tenant's chain. The chain's advisory lock is held from
-        reading the previous hash to the commit, so pods appending at once queue up
-        instead of forking the chain."""
-        at_text = _to_text(at)
-        with self._transaction() as conn:
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_AUDIT_LOCK_CLASS, tenant_id)
-            )
-            last = conn.execute(
-                "SELECT sequence, entry_hash FROM audit_log WHERE tenant_id = %s"
-                " ORDER BY sequence DESC LIMIT 1",
-                (tenant_id,),
-            ).fetchone()
-            sequence = (last["sequence"] if last else 0) + 1
-            prev_hash = last["entry_hash"] if last else AUDIT_GENESIS_HASH
-            entry_hash = audit_entry_hash(
-                prev_hash, tenant_id, sequence, actor, action, resource, peer, outcome, at_text
-            )
-            conn.execute(
-                "INSERT INTO audit_log (tenant_id, sequence, actor, action, resource, peer,"
-                " outcome, at, prev_hash, entry_hash)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    tenant_id,
-                    sequence,
-                    actor,
-                    action,
-                    resource,
-                    peer,
-                    outcome,
-                    at_text,
-                    prev_hash,
-                    entry_hash,
-                ),
-            )
-        return AuditRecord(
-            tenant_id, sequence, actor, action, resource, peer, outcome,
-            _from_text(at_text), prev_hash, entry_hash,
-        )  # fmt: skip
-
-    def list_audit(
-        self, tenant_id: str, page_size: int, page_token: str
-    ) -> tuple[list[AuditRecord], str]:
-        """One page of the tenant's entries, newest first; the token is "" on the last."""
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        before = 2**62
-        if page_token:
-            _, last = _decode_page_token(tenant_id, page_token)
-            if not last.isdigit():
-                raise InvalidPageTokenError("malformed page token")
-            before = int(last)
-            if before > 2**62:  # beyond BIGINT; no such sequence was ever written
-                raise InvalidPageTokenError("malformed page token")
-        rows = self._query(
-            "SELECT * FROM audit_log WHERE tenant_id = %s AND sequence < %s"
-            " ORDER BY sequence DESC LIMIT %s",
-            (tenant_id, before, size + 1),
-        )
-        page = [audit_from_row(r) for r in rows[:size]]
-        token = (
-            _encode_page_token(tenant_id, "", str(page[-1].sequence)) if len(rows) > size else ""
-        )
-        return page, token
-
-    def audit_tenants(self) -> list[str]:
-        rows = self._query("SELECT DISTINCT tenant_id FROM audit_log ORDER BY 1")
-        return [r["tenant_id"] for r in rows]
-
-    def verify_audit_chain(self, tenant_id: str) -> AuditChainReport:
-        """Recomputes the tenant's chain from its first entry; reports the first entry
-        whose stored hash, predecessor link or sequence does not match."""
-        # A server-side cursor streams the chain instead of holding it all in memory.
-        with self._transaction() as conn, conn.cursor(name="verify_audit_chain") as cur:
-            cur.execute(
-                "SELECT * FROM audit_log WHERE tenant_id = %s ORDER BY sequence", (tenant_id,)
-            )
-            prev_hash = AUDIT_GENESIS_HASH
-            checked = 0
-            for row in cur:
-                checked += 1
-                expected = audit_entry_hash(
-                    prev_hash,
-                    row["tenant_id"],
-                    row["sequence"],
-                    row["actor"],
-                    row["action"],
-                    row["resource"],
-                    row["peer"],
-                    row["outcome"],
-                    row["at"],
-                )
-                if (
-                    row["sequence"] != checked
-                    or row["prev_hash"] != prev_hash
-                    or row["entry_hash"] != expected
-                ):
-                    return AuditChainReport(tenant_id, checked, checked)
-                prev_hash = row["entry_hash"]
-        return AuditChainReport(tenant_id, checked, 0)
-
-    # --- consent -----------------------------------------------------------------------
-
-    @staticmethod
-    def _lock_consent(conn: Connection) -> None:
-        # Taken before the consent id is drawn: ids then commit in order (module docstring).
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _CONSENT_LOCK))
-
-    @staticmethod
-    def _bump_consent_resets(conn: Connection) -> None:
-        conn.execute(
-            "INSERT INTO metadata_counters (name, value) VALUES (%s, 1)"
-            " ON CONFLICT (name) DO UPDATE SET value = metadata_counters.value + 1",
-            (CONSENT_RESETS_COUNTER,),
-        )
-
-    def add_consent(self, entry: ConsentEntry) -> None:
-        with self._transaction() as conn:
-            self._lock_consent(conn)
-            conn.execute(
-                "INSERT INTO consents (tenant_id, subject_id, purpose, granted, source,"
-                " policy_version, recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (
-                    entry.tenant_id,
-                    entry.subject_id,
-                    entry.purpose,
-                    entry.granted,
-                    entry.source,
-                    entry.policy_version,
-                    _to_text(entry.recorded_at),
-                ),
-            )
-
-    def consent_history(self, tenant_id: str, subject_id: str) -> list[ConsentEntry]:
-        """Every decision of the subject, newest first."""
-        rows = self._query(
-            "SELECT * FROM consents WHERE tenant_id = %s AND subject_id = %s"
-            " ORDER BY consent_id DESC",
-            (tenant_id, subject_id),
-        )
-        return [consent_from_row(r) for r in rows]
-
-    def latest_consents(self, purpose: str) -> list[ConsentEntry]:
-        """The latest decision for `purpose` of every subject of every tenant."""
-        rows = self._query(
-            "SELECT c.* FROM consents c JOIN (SELECT max(consent_id) AS id FROM consents"
-            " WHERE purpose = %s GROUP BY tenant_id, subject_id) m ON c.consent_id = m.id",
-            (purpose,),
-        )
-        return [consent_from_row(r) for r in rows]
-
     def consent_position(self) -> tuple[int, int]:
         """(resets counter, newest consent id), from one snapshot in one round trip: every
         ingestion batch asks (services/compliance/consent.py)."""
@@ -626,86 +343,6 @@ class PostgresMetadataStore:
             (CONSENT_RESETS_COUNTER,),
         )
         return rows[0]["resets"] or 0, rows[0]["top"] or 0
-
-    def consents_between(self, purpose: str, after_id: int, up_to_id: int) -> list[ConsentEntry]:
-        """Decisions for `purpose` with after_id < consent_id <= up_to_id, oldest first."""
-        rows = self._query(
-            "SELECT * FROM consents WHERE consent_id > %s AND consent_id <= %s"
-            " AND purpose = %s ORDER BY consent_id",
-            (after_id, up_to_id, purpose),
-        )
-        return [consent_from_row(r) for r in rows]
-
-    def delete_consents(self, tenant_id: str, subject_id: str) -> int:
-        with self._transaction() as conn:
-            self._lock_consent(conn)
-            cursor = conn.execute(
-                "DELETE FROM consents WHERE tenant_id = %s AND subject_id = %s",
-                (tenant_id, subject_id),
-            )
-            deleted = cursor.rowcount
-            self._bump_consent_resets(conn)
-            return deleted
-
-    def set_consent_mode(self, tenant_id: str, mode: str) -> None:
-        if mode not in ("assumed", "required"):
-            raise ValueError(f"consent mode must be 'assumed' or 'required', got {mode!r}")
-        with self._transaction() as conn:
-            self._lock_consent(conn)
-            conn.execute(
-                "INSERT INTO tenant_compliance_settings (tenant_id, consent_mode)"
-                " VALUES (%s, %s)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET consent_mode = excluded.consent_mode",
-                (tenant_id, mode),
-            )
-            self._bump_consent_resets(conn)
-
-    def consent_modes(self) -> dict[str, str]:
-        rows = self._query("SELECT tenant_id, consent_mode FROM tenant_compliance_settings")
-        return {r["tenant_id"]: r["consent_mode"] for r in rows}
-
-    # --- retention ---------------------------------------------------------------------
-
-    def get_retention(self, tenant_id: str) -> RetentionDays | None:
-        rows = self._query("SELECT * FROM retention_policies WHERE tenant_id = %s", (tenant_id,))
-        if not rows:
-            return None
-        r = rows[0]
-        return RetentionDays(
-            r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
-        )
-
-    def retention_policies(self) -> dict[str, RetentionDays]:
-        """Every tenant's own retention policy (tenants without one are absent)."""
-        rows = self._query("SELECT * FROM retention_policies ORDER BY tenant_id")
-        return {
-            r["tenant_id"]: RetentionDays(
-                r["raw_days"], r["minute_rollup_days"], r["hour_rollup_days"], r["day_rollup_days"]
-            )
-            for r in rows
-        }
-
-    def put_retention(self, tenant_id: str, policy: RetentionDays, at: datetime) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO retention_policies (tenant_id, raw_days, minute_rollup_days,"
-                " hour_rollup_days, day_rollup_days, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET raw_days = excluded.raw_days,"
-                " minute_rollup_days = excluded.minute_rollup_days,"
-                " hour_rollup_days = excluded.hour_rollup_days,"
-                " day_rollup_days = excluded.day_rollup_days, updated_at = excluded.updated_at",
-                (
-                    tenant_id,
-                    policy.raw_days,
-                    policy.minute_rollup_days,
-                    policy.hour_rollup_days,
-                    policy.day_rollup_days,
-                    _to_text(at),
-                ),
-            )
-
-    # --- erasure -----------------------------------------------------------------------
 
     def create_erasure(self, record: ErasureRecord) -> tuple[ErasureRecord, bool]:
         """Stores a new request, or returns the tenant's existing one with the same
@@ -736,34 +373,6 @@ class PostgresMetadataStore:
             ).fetchone()
         assert row is not None  # the conflict was on this row, committed before we read
         return erasure_from_row(row), False
-
-    def update_erasure(
-        self,
-        erasure_request_id: str,
-        state: str,
-        finished_at: datetime | None = None,
-        certificate: Sequence[str] = (),
-        error_message: str = "",
-    ) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "UPDATE erasure_requests SET state = %s, finished_at = %s,"
-                " certificate_json = %s, error_message = %s WHERE erasure_request_id = %s",
-                (
-                    state,
-                    _to_text(finished_at) if finished_at else None,
-                    json.dumps(list(certificate)),
-                    error_message,
-                    erasure_request_id,
-                ),
-            )
-
-    def get_erasure(self, tenant_id: str, erasure_request_id: str) -> ErasureRecord | None:
-        rows = self._query(
-            "SELECT * FROM erasure_requests WHERE tenant_id = %s AND erasure_request_id = %s",
-            (tenant_id, erasure_request_id),
-        )
-        return erasure_from_row(rows[0]) if rows else None
 
     # --- erasure on the stream-processor hosts (services/compliance/erasure_hosts.py) ---
 
