@@ -268,8 +268,9 @@ def _bucket_start(key: int | date, granularity: Granularity) -> datetime:
 # --- SQL building --------------------------------------------------------------------
 
 
-class _Query:
-    """Collects WHERE clauses with named parameters, so no value enters the SQL text."""
+class WhereBuilder:
+    """Collects WHERE clauses with named parameters, so no value enters the SQL text.
+    Over raw events here; the rollup tiers subclass it for their bucket column."""
 
     def __init__(self) -> None:
         self.params: dict[str, object] = {}
@@ -291,8 +292,7 @@ class _Query:
         if scope.tenant_id is not None:
             # Only `Scope.all_tenants()` reads across tenants; every other scope filters.
             clauses.append(f"tenant_id = {self.bind('tenant_id', scope.tenant_id)}")
-        clauses.append(f"occurred_at >= {self.bind('start', start)}")
-        clauses.append(f"occurred_at < {self.bind('end', end)}")
+        clauses.extend(self.time_clauses(start, end))
         if filters.ticketed_event_id is not None:
             clauses.append(
                 f"ticketed_event_id = {self.bind('ticketed_event_id', filters.ticketed_event_id)}"
@@ -300,6 +300,12 @@ class _Query:
         if event_filters:
             clauses.extend(self.event_filters(filters))
         return " AND ".join(clauses)
+
+    def time_clauses(self, start: datetime, end: datetime) -> list[str]:
+        return [
+            f"occurred_at >= {self.bind('start', start)}",
+            f"occurred_at < {self.bind('end', end)}",
+        ]
 
     def event_filters(self, filters: MetricFilters) -> list[str]:
         clauses = []
@@ -354,7 +360,7 @@ class _Measure:
 def _grouped(
     store: EventStore,
     scope: Scope,
-    query: _Query,
+    query: WhereBuilder,
     where: str,
     keys: Mapping[str, str],
     measures: Mapping[str, _Measure],
@@ -397,7 +403,7 @@ def event_counts(
 ) -> tuple[EventCountRow, ...]:
     """Events per bucket x event_name x event_type, ordered by those three."""
     bucket_starts(time_range, granularity)  # refuses absurd bucket counts early
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters)
     sql = (
         f"SELECT {_bucket_key_sql(granularity)} AS bucket, event_name, event_type,"
@@ -454,7 +460,7 @@ def grouped_event_counts(
     events. A value is the column as stored ("" when unknown, e.g. no country)."""
     check_groupable(dimensions)
     bucket_starts(time_range, granularity)  # refuses absurd bucket counts early
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters)
     columns = "".join(f", {d}" for d in dimensions)
     sql = (
@@ -512,7 +518,7 @@ def _active_users_in_one_scan(
     of scanning once for the series and once more for the trailing windows.
     """
     end = time_range.end
-    query = _Query()
+    query = WhereBuilder()
     scan_start = min(time_range.start, end - timedelta(days=30))
     where = query.where(scope, scan_start, end, filters)
     bucket = _bucket_key_sql(granularity)
@@ -566,7 +572,7 @@ def _active_users_hashed(
     filters: MetricFilters,
 ) -> tuple[dict[datetime, int], dict[str, int]]:
     """The same numbers with hash-based distinct counts, for when bitmaps are too big."""
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters)
     per_bucket = {
         _bucket_start(row["bucket"], granularity): int(row["active_users"])
@@ -580,7 +586,7 @@ def _active_users_hashed(
         )
     }
     end = time_range.end
-    trailing = _Query()
+    trailing = WhereBuilder()
     trailing_where = trailing.where(scope, end - timedelta(days=30), end, filters)
     day_start = trailing.bind("day_start", end - timedelta(days=1))
     week_start = trailing.bind("week_start", end - timedelta(days=7))
@@ -599,7 +605,7 @@ def _active_users_hashed(
     return per_bucket, {name: int(totals[name] or 0) for name in ("dau", "wau", "mau")}
 
 
-def _converted_condition(query: _Query, filters: MetricFilters) -> str:
+def _converted_condition(query: WhereBuilder, filters: MetricFilters) -> str:
     """Which events count as conversions: type `conversion`, narrowed by the event
     filters (the active users they are divided by are not narrowed by them)."""
     return " AND ".join(
@@ -620,7 +626,7 @@ def conversions(
     """Per bucket: conversion events, converting users, active users and the rate."""
     starts = bucket_starts(time_range, granularity)
     bitmaps = _fits(_bitmap_bytes(store, scope), len(starts))
-    query = _Query()
+    query = WhereBuilder()
     # Active users see only the scope, time and ticketed event; the event filters
     # narrow which conversions count (see the module docstring).
     where = query.where(scope, time_range.start, time_range.end, filters, event_filters=False)
@@ -650,7 +656,7 @@ def conversions(
     return tuple(result)
 
 
-def _revenue_filter(query: _Query) -> str:
+def _revenue_filter(query: WhereBuilder) -> str:
     return " AND ".join(
         [
             f"event_type = {query.bind('conversion', TrackedEventType.CONVERSION.value)}",
@@ -680,7 +686,7 @@ def revenue(
 ) -> tuple[RevenueRow, ...]:
     """Per bucket and currency: revenue, orders and tickets of conversion events."""
     bucket_starts(time_range, granularity)
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters)
     where = f"{where} AND {_revenue_filter(query)}"
     rows = _grouped(
@@ -715,7 +721,7 @@ def geography(
     No granularity: a map shows one period. Ordered by events, most first.
     """
     bitmaps = _fits(_bitmap_bytes(store, scope), _MAX_COUNTRIES)
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters)
     counts = _grouped(
         store,
@@ -725,7 +731,7 @@ def geography(
         {"country_code": "country_code"},
         {"events": _Measure("count(*)"), "users": _Measure(_distinct_users(bitmaps))},
     )
-    money_query = _Query()
+    money_query = WhereBuilder()
     money_where = money_query.where(scope, time_range.start, time_range.end, filters)
     money_where = f"{money_where} AND {_revenue_filter(money_query)}"
     money: dict[str, dict[str, Decimal]] = {}
@@ -762,7 +768,7 @@ def overall_conversion_rate(
     """Converting users / active users, each distinct over the whole range (not a mean
     of bucket rates); 0.0 when nobody was active. Filters work as in `conversions`."""
     bitmaps = _fits(_bitmap_bytes(store, scope), 1)
-    query = _Query()
+    query = WhereBuilder()
     where = query.where(scope, time_range.start, time_range.end, filters, event_filters=False)
     rows = _grouped(
         store,

@@ -97,6 +97,7 @@ from services.query.metrics import (
     RevenueRow,
     Scope,
     TimeRange,
+    WhereBuilder,
     bucket_starts,
     check_groupable,
 )
@@ -777,46 +778,14 @@ def _bucket_start(key: int | date, granularity: Granularity) -> datetime:
     return _from_us(int(key) * step.value)
 
 
-class _Query:
+class _Query(WhereBuilder):
     """WHERE clauses with named parameters over a tier table (no value in the SQL)."""
 
-    def __init__(self) -> None:
-        self.params: dict[str, object] = {}
-
-    def bind(self, name: str, value: object) -> str:
-        self.params[name] = value
-        return f"${name}"
-
-    def where(
-        self,
-        scope: Scope,
-        start: datetime,
-        end: datetime,
-        filters: MetricFilters,
-        *,
-        event_filters: bool = True,
-    ) -> str:
-        clauses = [
+    def time_clauses(self, start: datetime, end: datetime) -> list[str]:
+        return [
             f"bucket_us >= {self.bind('start_us', _us(start))}",
             f"bucket_us < {self.bind('end_us', _us(end))}",
         ]
-        if scope.tenant_id is not None:
-            clauses.append(f"tenant_id = {self.bind('tenant_id', scope.tenant_id)}")
-        if filters.ticketed_event_id is not None:
-            clauses.append(
-                f"ticketed_event_id = {self.bind('ticketed_event_id', filters.ticketed_event_id)}"
-            )
-        if event_filters:
-            clauses.extend(self.event_filters(filters))
-        return " AND ".join(clauses)
-
-    def event_filters(self, filters: MetricFilters) -> list[str]:
-        clauses = []
-        if filters.event_name is not None:
-            clauses.append(f"event_name = {self.bind('event_name', filters.event_name)}")
-        if filters.event_type is not None:
-            clauses.append(f"event_type = {self.bind('event_type', filters.event_type.value)}")
-        return clauses
 
     def converted(self, filters: MetricFilters) -> str:
         return " AND ".join(
