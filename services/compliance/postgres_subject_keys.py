@@ -28,8 +28,7 @@ backup caveat of subject_keys.py applies to the database's backups and WAL archi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import datetime
 
 import psycopg
@@ -38,6 +37,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from services.compliance.subject_keys import BaseSubjectKeyStore, _iso, _parse, _Row
+from services.storage.postgres_schema import create_search_path_schema, pooled_transaction
 
 # Advisory lock keys (two-int form), a class of their own next to the metadata store's.
 _LOCK_CLASS = 0x6B65_7973  # "keys"
@@ -98,7 +98,7 @@ class PostgresSubjectKeyStore(BaseSubjectKeyStore):
             self._pool.open(wait=True, timeout=open_timeout)
             with self._transaction() as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _DDL_LOCK))
-                self._ensure_schema(conn)
+                create_search_path_schema(conn, "key store")
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(
@@ -110,24 +110,8 @@ class PostgresSubjectKeyStore(BaseSubjectKeyStore):
             self._pool.close()
             raise
 
-    @staticmethod
-    def _ensure_schema(conn: Connection) -> None:
-        """Creates the first schema of `search_path` when none exists yet (as the
-        metadata store does: either may open the database first)."""
-        row = conn.execute("SELECT current_schema()").fetchone()
-        if row is not None and row[0] is not None:
-            return
-        path = conn.execute("SELECT current_setting('search_path')").fetchone()
-        names = [n.strip().strip('"') for n in (path[0] if path else "").split(",")]
-        wanted = next((n for n in names if n and n != "$user"), "")
-        if not wanted:
-            raise RuntimeError("the key store connection has no schema to create in")
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(wanted)))
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        with self._pool.connection() as conn, conn.transaction():
-            yield conn
+    def _transaction(self) -> AbstractContextManager[Connection]:
+        return pooled_transaction(self._pool)
 
     def _one(self, statement: str, params: tuple[str, ...]) -> TupleRow | None:
         with self._pool.connection() as conn:

@@ -30,11 +30,10 @@ database); `metadata_schema_version` holds the version like SQLite's `user_versi
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
@@ -54,6 +53,7 @@ from services.storage.metadata_store import (
     erasure_from_row,
     quarantine_entry_from_row,
 )
+from services.storage.postgres_schema import create_search_path_schema, pooled_transaction
 
 # Advisory lock keys (two-int form): a class for this store, then what is locked. The
 # registry's one-int lock lives in another key space, so the two never collide.
@@ -206,7 +206,7 @@ class PostgresMetadataStore(_SqlMetadataStore[Connection]):
             self._pool.open(wait=True, timeout=open_timeout)
             with self._transaction() as conn:
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _DDL_LOCK))
-                self._ensure_schema(conn)
+                create_search_path_schema(conn, "metadata database")
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 row = conn.execute("SELECT version FROM metadata_schema_version").fetchone()
@@ -224,25 +224,8 @@ class PostgresMetadataStore(_SqlMetadataStore[Connection]):
             self._pool.close()
             raise
 
-    @staticmethod
-    def _ensure_schema(conn: Connection) -> None:
-        """Creates the first schema of `search_path` when none of them exists yet (a
-        dedicated schema named in the URL's options)."""
-        row = conn.execute("SELECT current_schema() AS s").fetchone()
-        if row is not None and row["s"] is not None:
-            return
-        path = conn.execute("SELECT current_setting('search_path') AS p").fetchone()
-        names = [n.strip().strip('"') for n in (path["p"] if path else "").split(",")]
-        wanted = next((n for n in names if n and n != "$user"), "")
-        if not wanted:
-            raise RuntimeError("the metadata database connection has no schema to create in")
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(wanted)))
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        # Commits when the block ends normally, rolls back on an exception.
-        with self._pool.connection() as conn, conn.transaction():
-            yield conn
+    def _transaction(self) -> AbstractContextManager[Connection]:
+        return pooled_transaction(self._pool)
 
     def _query(self, statement: str, params: Sequence[object] = ()) -> list[DictRow]:
         """One statement in autocommit: its own snapshot, one round trip."""
