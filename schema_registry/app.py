@@ -27,6 +27,7 @@ import structlog
 
 from schema_registry import errors
 from schema_registry.auth import (
+    ADMIN_SCOPES,
     READ_SCOPES,
     WRITE_SCOPES,
     AllowAllAuthenticator,
@@ -104,7 +105,8 @@ class Request:
         try:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
-            raise RegistryError(50005, f"Unrecognized JSON in request body: {exc}") from None
+            # Confluent (rest-utils' JsonParseExceptionMapper) answers 400 / error_code 400.
+            raise RegistryError(400, f"Unrecognized JSON in request body: {exc}") from None
 
 
 Handler = Callable[[Request], Awaitable[Any]]
@@ -116,6 +118,8 @@ class Route:
     segments: tuple[str, ...]
     handler: Handler
     write: bool
+    # Registry-wide settings (global config and mode): only the admin scope may change them.
+    admin: bool = False
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
         if len(parts) != len(self.segments):
@@ -230,6 +234,20 @@ class RegistryApp:
                 if parts[:1] == ["associations"]:
                     raise errors.association_not_found("/".join(parts[1:]))
                 raise _METHOD_NOT_ALLOWED if method_mismatch else _NOT_FOUND
+            if route.admin and not principal.may(ADMIN_SCOPES):
+                await _send_json(
+                    send,
+                    403,
+                    _error_body(
+                        RegistryError(
+                            40301,
+                            "Forbidden: changing the global compatibility or mode needs the "
+                            "admin scope",
+                        )
+                    ),
+                    content_type,
+                )
+                return
             if not principal.may(WRITE_SCOPES if route.write else READ_SCOPES):
                 await self._forbidden(send, content_type)
                 return
@@ -324,8 +342,10 @@ class RegistryApp:
     # -- routes ------------------------------------------------------------------------------
 
     def _build_routes(self) -> list[Route]:
-        def r(method: str, path: str, handler: Handler, *, write: bool = False) -> Route:
-            return Route(method, tuple(path.strip("/").split("/")), handler, write)
+        def r(
+            method: str, path: str, handler: Handler, *, write: bool = False, admin: bool = False
+        ) -> Route:
+            return Route(method, tuple(path.strip("/").split("/")), handler, write or admin, admin)
 
         return [
             r("GET", "/schemas", self.list_schemas),
@@ -346,13 +366,13 @@ class RegistryApp:
             r("POST", "/compatibility/subjects/{subject}/versions", self.compatibility_all),
             r("POST", "/compatibility/subjects/{subject}/versions/{version}", self.compatibility),
             r("GET", "/config", self.get_global_config),
-            r("PUT", "/config", self.put_global_config, write=True),
-            r("DELETE", "/config", self.delete_global_config, write=True),
+            r("PUT", "/config", self.put_global_config, admin=True),
+            r("DELETE", "/config", self.delete_global_config, admin=True),
             r("GET", "/config/{subject}", self.get_subject_config),
             r("PUT", "/config/{subject}", self.put_subject_config, write=True),
             r("DELETE", "/config/{subject}", self.delete_subject_config, write=True),
             r("GET", "/mode", self.get_global_mode),
-            r("PUT", "/mode", self.put_global_mode, write=True),
+            r("PUT", "/mode", self.put_global_mode, admin=True),
             r("GET", "/mode/{subject}", self.get_subject_mode),
             r("PUT", "/mode/{subject}", self.put_subject_mode, write=True),
             r("DELETE", "/mode/{subject}", self.delete_subject_mode, write=True),

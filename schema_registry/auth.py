@@ -28,6 +28,8 @@ ADMIN_SCOPE: Final = "admin"
 # What each kind of request needs: any one of the listed scopes.
 READ_SCOPES: Final = frozenset({READ_SCOPE, ADMIN_SCOPE})
 WRITE_SCOPES: Final = frozenset({WRITE_SCOPE, ADMIN_SCOPE})
+# Registry-wide writes (global compatibility and mode) need the admin scope itself.
+ADMIN_SCOPES: Final = frozenset({ADMIN_SCOPE})
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,22 @@ _NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
+# Attributes the specification gives a meaning to, per kind of schema object. Anything
+# else is a custom attribute (Avro keeps them, e.g. the platform's `"personal": true`): it
+# is part of a schema's identity, so two schemas differing only in one get two ids.
+_COMMON_ATTRS: Final = frozenset({"type", "doc"})
+_NAMED_ATTRS: Final = _COMMON_ATTRS | {"name", "namespace", "aliases"}
+_LOGICAL_ATTRS: Final = frozenset({"logicalType", "precision", "scale"})
+_RESERVED_ATTRS: Final[dict[str, frozenset[str]]] = {
+    "primitive": _COMMON_ATTRS | _LOGICAL_ATTRS,
+    "record": _NAMED_ATTRS | {"fields"},
+    "enum": _NAMED_ATTRS | {"symbols", "default"},
+    "fixed": _NAMED_ATTRS | {"size"} | _LOGICAL_ATTRS,
+    "array": _COMMON_ATTRS | {"items"},
+    "map": _COMMON_ATTRS | {"values"},
+    "field": frozenset({"name", "type", "default", "doc", "aliases", "order"}),
+}
+
 # The logical types of the specification and the underlying types they annotate. A logical
 # type on any other underlying type is ignored, as the specification requires.
 _LOGICAL_ON: Final[dict[str, frozenset[str]]] = {
@@ -80,6 +96,7 @@ class LogicalType:
 class Primitive:
     type: str
     logical: LogicalType | None = None
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +107,7 @@ class Field:
     aliases: tuple[str, ...] = ()
     order: str = "ascending"
     position: int = 0
+    props: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_default(self) -> bool:
@@ -103,6 +121,7 @@ class Record:
     fields: list[Field] = field(default_factory=list)
     is_error: bool = False
     type: str = "record"
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -112,6 +131,7 @@ class Enum:
     aliases: tuple[str, ...] = ()
     default: str | None = None
     type: str = "enum"
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -121,18 +141,21 @@ class Fixed:
     aliases: tuple[str, ...] = ()
     logical: LogicalType | None = None
     type: str = "fixed"
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
 class Array:
     items: AvroType
     type: str = "array"
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
 class Map:
     values: AvroType
     type: str = "map"
+    props: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -220,7 +243,9 @@ class _Parser:
         if not isinstance(type_attr, str):
             raise SchemaParseError(f"{path}: 'type' must be a string, got {type_attr!r}")
         if type_attr in PRIMITIVES:
-            return Primitive(type_attr, self._logical(node, type_attr, None))
+            return Primitive(
+                type_attr, self._logical(node, type_attr, None), custom_props(node, "primitive")
+            )
         if type_attr in ("record", "error"):
             return self._parse_record(node, namespace, path, type_attr == "error")
         if type_attr == "enum":
@@ -230,11 +255,17 @@ class _Parser:
         if type_attr == "array":
             if "items" not in node:
                 raise SchemaParseError(f"{path}: array without 'items'")
-            return Array(self._parse(node["items"], namespace, f"{path}/items"))
+            return Array(
+                self._parse(node["items"], namespace, f"{path}/items"),
+                props=custom_props(node, "array"),
+            )
         if type_attr == "map":
             if "values" not in node:
                 raise SchemaParseError(f"{path}: map without 'values'")
-            return Map(self._parse(node["values"], namespace, f"{path}/values"))
+            return Map(
+                self._parse(node["values"], namespace, f"{path}/values"),
+                props=custom_props(node, "map"),
+            )
         # {"type": "com.example.Foo"} refers to a named type.
         return self._parse_name(type_attr, namespace, path)
 
@@ -298,7 +329,12 @@ class _Parser:
         self, node: dict[str, Any], namespace: str, path: str, is_error: bool
     ) -> Record:
         fullname, own_namespace = self._define_name(node, namespace, path)
-        record = Record(fullname, self._aliases(node, own_namespace, path), is_error=is_error)
+        record = Record(
+            fullname,
+            self._aliases(node, own_namespace, path),
+            is_error=is_error,
+            props=custom_props(node, "record"),
+        )
         # Registered before the fields so that fields can refer to the record itself.
         self._register(record)
         fields = node.get("fields")
@@ -331,6 +367,7 @@ class _Parser:
                 aliases=tuple(aliases),
                 order=order,
                 position=index,
+                props=custom_props(fnode, "field"),
             )
             if fld.has_default:
                 self.pending_defaults.append((fld, where))
@@ -352,7 +389,13 @@ class _Parser:
             raise SchemaParseError(
                 f"{path}: enum default '{default}' is not a symbol of '{fullname}'"
             )
-        enum = Enum(fullname, tuple(symbols), self._aliases(node, own_namespace, path), default)
+        enum = Enum(
+            fullname,
+            tuple(symbols),
+            self._aliases(node, own_namespace, path),
+            default,
+            props=custom_props(node, "enum"),
+        )
         self._register(enum)
         return enum
 
@@ -361,7 +404,12 @@ class _Parser:
         size = node.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise SchemaParseError(f"{path}: fixed '{fullname}' needs a non-negative 'size'")
-        fixed = Fixed(fullname, size, self._aliases(node, own_namespace, path))
+        fixed = Fixed(
+            fullname,
+            size,
+            self._aliases(node, own_namespace, path),
+            props=custom_props(node, "fixed"),
+        )
         fixed.logical = self._logical(node, "fixed", size)
         self._register(fixed)
         return fixed
@@ -385,6 +433,20 @@ class _Parser:
         if name == "uuid" and underlying == "fixed" and size != 16:
             return None
         return LogicalType(name)
+
+
+def custom_props(node: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The custom attributes of a schema object, normalised: sorted keys at every level."""
+    reserved = _RESERVED_ATTRS[kind]
+    return {key: _normalised(node[key]) for key in sorted(node) if key not in reserved}
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _normalised(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_normalised(item) for item in value]
+    return value
 
 
 def _join(namespace: str, name: str) -> str:
@@ -486,28 +548,33 @@ def parsing_canonical_form(schema: AvroType) -> str:
 
 
 def registry_canonical_form(schema: AvroType) -> str:
-    """PCF plus the attributes that change how data resolves: the registry's identity key.
+    """PCF plus the attributes that change how data resolves or is handled: the identity key.
 
-    PCF strips ``default``, ``aliases`` and logical types. Two schemas differing only in
-    those would share an id, and a deserializer fetching that id would get the other text:
-    a date read back as a plain int, a default the consumer relies on missing. So the
-    identity keeps them (in a fixed order); docs, whitespace, key order, ``"string"`` vs
-    ``{"type": "string"}`` and short vs full names still canonicalise away.
+    PCF strips ``default``, ``aliases``, logical types and custom attributes. Two schemas
+    differing only in those would share an id, and a deserializer fetching that id would get
+    the other text: a date read back as a plain int, a default the consumer relies on
+    missing, a field marked ``"personal": true`` served without its mark. So the identity
+    keeps them (in a fixed order, custom attributes after the standard ones with their keys
+    sorted); docs, whitespace, key order, ``"string"`` vs ``{"type": "string"}`` and short
+    vs full names still canonicalise away.
     """
     return orjson.dumps(_canonical(schema, set(), extended=True)).decode()
 
 
 def _canonical(schema: AvroType, seen: set[str], *, extended: bool) -> Any:
     if isinstance(schema, Primitive):
-        if extended and schema.logical is not None:
-            return {"type": schema.type, **_logical_json(schema.logical)}
+        if extended and (schema.logical is not None or schema.props):
+            logical = _logical_json(schema.logical) if schema.logical is not None else {}
+            return {"type": schema.type, **logical, **schema.props}
         return schema.type
     if isinstance(schema, Union):
         return [_canonical(b, seen, extended=extended) for b in schema.branches]
     if isinstance(schema, Array):
-        return {"type": "array", "items": _canonical(schema.items, seen, extended=extended)}
+        items = _canonical(schema.items, seen, extended=extended)
+        return {"type": "array", "items": items, **(schema.props if extended else {})}
     if isinstance(schema, Map):
-        return {"type": "map", "values": _canonical(schema.values, seen, extended=extended)}
+        values = _canonical(schema.values, seen, extended=extended)
+        return {"type": "map", "values": values, **(schema.props if extended else {})}
     if schema.fullname in seen:
         return schema.fullname
     seen.add(schema.fullname)
@@ -525,6 +592,7 @@ def _canonical(schema: AvroType, seen: set[str], *, extended: bool) -> Any:
                     fjson["default"] = fld.default
                 if fld.aliases:
                     fjson["aliases"] = sorted(fld.aliases)
+                fjson.update(fld.props)
             fields.append(fjson)
         out["fields"] = fields
     elif isinstance(schema, Enum):
@@ -537,8 +605,10 @@ def _canonical(schema: AvroType, seen: set[str], *, extended: bool) -> Any:
         out["size"] = schema.size
         if extended and schema.logical is not None:
             out.update(_logical_json(schema.logical))
-    if extended and schema.aliases:
-        out["aliases"] = sorted(schema.aliases)
+    if extended:
+        if schema.aliases:
+            out["aliases"] = sorted(schema.aliases)
+        out.update(schema.props)
     return out
 
 

@@ -4,7 +4,8 @@
     python -m schema_registry.bench --tool wrk --duration 10 --concurrency 64 --workers 2
 
 Starts the registry as a subprocess (``python -m schema_registry.server``) on a free port with
-a throwaway SQLite file (or ``--storage``), registers a schema, then drives
+a throwaway SQLite file (or ``--storage``; a PostgreSQL DSN gets a throwaway schema in that
+database, dropped afterwards, so nothing lands in ``public``), registers a schema, then drives
 ``GET /schemas/ids/{id}`` with authenticated keep-alive requests, either from a minimal
 asyncio HTTP/1.1 client in this process (``--tool python``: exact request count, but it shares
 the CPU with the server) or with ``wrk`` (``--tool wrk``: time-based, far cheaper per request).
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +161,20 @@ def _drive_wrk(port: int, path: str, duration: int, concurrency: int, threads: i
     return out.stdout
 
 
+@contextmanager
+def _storage(url: str | None, tmp: str) -> Iterator[str]:
+    """The storage URL for the bench server; PostgreSQL gets a schema of its own."""
+    if url is None:
+        yield f"sqlite:///{Path(tmp) / 'registry.db'}"
+    elif url.startswith(("postgresql://", "postgres://")):
+        from schema_registry.storage.postgres import throwaway_schema
+
+        with throwaway_schema(url, "sr_bench") as scoped:
+            yield scoped
+    else:
+        yield url
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=50_000, help="python tool: total")
@@ -170,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2_000, help="requests before measuring")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="bilten-sr-bench-") as tmp:
-        storage = args.storage or f"sqlite:///{Path(tmp) / 'registry.db'}"
+    with (
+        tempfile.TemporaryDirectory(prefix="bilten-sr-bench-") as tmp,
+        _storage(args.storage, tmp) as storage,
+    ):
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
         proc = _start_server(port, storage, args.workers)

@@ -28,6 +28,7 @@ $BIN/python scripts/proto.py breaking "${BUF_AGAINST:-HEAD~1}"
 echo "== servers for the integration tiers"
 bash dev/postgres.sh start >/dev/null
 export BILTEN_TEST_POSTGRES_DSN="$(bash dev/postgres.sh dsn)"
+export BILTEN_REQUIRE_SERVICES=1  # service-backed tests fail instead of skipping
 bash dev/redis.sh start >/dev/null
 eval "$(bash dev/redis.sh env)"
 bash dev/kafka.sh start >/dev/null

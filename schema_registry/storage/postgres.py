@@ -8,8 +8,10 @@ evolution, not data), so one lock costs nothing measurable, and reads never take
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -20,6 +22,29 @@ from schema_registry.storage.relational import SCHEMA_DDL, RelationalTransaction
 
 # Arbitrary, fixed: "bilten schema registry" writers.
 _WRITE_LOCK_KEY = 0x5C4E_3A01
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """``dsn`` with its tables placed in PostgreSQL schema ``schema`` (``search_path``)."""
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextmanager
+def throwaway_schema(dsn: str, prefix: str = "sr_tmp") -> Iterator[str]:
+    """A DSN whose tables land in a fresh PostgreSQL schema, dropped (with them) on exit.
+
+    Tests and the benchmark use it so that they never write into the database's ``public``
+    schema.
+    """
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield with_search_path(dsn, schema)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def _to_psycopg(sql: str) -> str:

@@ -79,12 +79,33 @@ def check_properties(
     except ValidationError as exc:
         first = exc.errors[0] if exc.errors else None
         field = getattr(first, "field", "") or ""
-        path = field.split(".", 1)[1] if "." in field else field
+        # fastavro names the innermost record's full name, not the path: find the path.
+        path = _violation_path(record, definition.parsed_schema) or field.rpartition(".")[2]
         return (
             f"properties.{path}" if path else "properties",
             f"does not match {definition.subject} v{definition.version}: {first}",
         )
     return None
+
+
+def _violation_path(value: Any, schema: Any) -> str:
+    """Dotted field names from a record down to its first invalid field ('' if none found)."""
+    if not (isinstance(schema, dict) and schema.get("type") == "record"):
+        return ""
+    if not isinstance(value, dict):
+        return ""
+    for field in schema.get("fields", []):
+        name = str(field["name"])
+        if name not in value and "default" in field:
+            continue
+        try:
+            valid = validate(value.get(name), field["type"], raise_errors=False)
+        except Exception:  # a reference to a named type defined elsewhere: stop here
+            return name
+        if not valid:
+            deeper = _violation_path(value.get(name), field["type"])
+            return f"{name}.{deeper}" if deeper else name
+    return ""
 
 
 def _accepts_integer(field_type: Any) -> bool:

@@ -11,8 +11,11 @@ import json
 import time
 import uuid
 
+import grpc
 import httpx
 import pytest
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as ingestion_pb2
+from bilten.analytics.ingestion.v1 import ingestion_service_pb2_grpc as ingestion_grpc
 
 from tests.e2e.conftest import RunningSystem
 
@@ -63,6 +66,27 @@ def _track_custom(
     )
 
 
+def _quarantined(
+    system: RunningSystem, quarantined_event_id: str
+) -> ingestion_pb2.QuarantinedEvent:
+    """The stored quarantine entry, read back through ListQuarantinedEvents."""
+    metadata = (("authorization", f"Bearer {system.credentials['admin_token']}"),)
+    with grpc.insecure_channel(system.grpc_target) as channel:
+        stub = ingestion_grpc.IngestionServiceStub(channel)
+        token = ""
+        while True:
+            page = stub.ListQuarantinedEvents(
+                ingestion_pb2.ListQuarantinedEventsRequest(page_size=1000, page_token=token),
+                metadata=metadata,
+            )
+            for entry in page.quarantined_events:
+                if entry.quarantined_event_id == quarantined_event_id:
+                    return entry
+            token = page.next_page_token
+            if not token:
+                raise AssertionError(f"{quarantined_event_id} is not in quarantine")
+
+
 def _eventually(check: object, seconds: float = 15.0) -> httpx.Response:
     # Definitions are cached by ingestion for a few seconds; new versions show up after.
     deadline = time.monotonic() + seconds
@@ -97,7 +121,13 @@ def test_custom_events_are_validated_against_their_registered_definition(
     assert r.status_code == 400
     violation = next(d for d in r.json()["details"] if d["@type"].endswith("BadRequest"))
     assert violation["fieldViolations"][0]["field"] == "event.properties.zoom"
-    assert r.json()["details"][0]["metadata"]["rejection_reason"] == "SCHEMA_VIOLATION"
+    metadata = r.json()["details"][0]["metadata"]
+    assert metadata["rejection_reason"] == "SCHEMA_VIOLATION"
+    # The quarantine record itself carries the failing field path, not only the response.
+    entry = _quarantined(system, metadata["quarantined_event_id"])
+    assert entry.field_path == "event.properties.zoom"
+    assert entry.rejection_reason == ingestion_pb2.REJECTION_REASON_SCHEMA_VIOLATION
+    assert "zoom" in entry.message
     # Unknown property.
     r = _track_custom(system, name, {"section": "A", "zoom": 2, "colour": "red"})
     assert r.status_code == 400

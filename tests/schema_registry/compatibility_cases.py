@@ -4,7 +4,12 @@ Each :class:`Pair` names two schemas A and B and gives both verdicts: can A read
 with B (``a_reads_b``), and can B read data written with A (``b_reads_a``). ``CASES`` expands
 every pair into two directed cases (reader, writer, verdict, reason), so a rule is always
 tested with the roles swapped as well. Reasons cite the Avro specification's resolution rules;
-``kinds`` lists the incompatibility types expected where a direction fails.
+``kinds`` lists the incompatibility types expected where a direction fails. ``a_refs`` and
+``b_refs`` are schemas of referenced subjects (Confluent ``references``) whose named types A
+and B use without defining them.
+
+``INVALID`` lists schemas that are refused before any compatibility check (422/42201), each
+with its reason: union defaults that do not match the union's first branch.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Pair:
     b_reads_a: bool
     reason: str
     kinds: frozenset[T] = frozenset()
+    a_refs: tuple[Schema, ...] = ()
+    b_refs: tuple[Schema, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,15 @@ class Case:
     compatible: bool
     reason: str
     kinds: frozenset[T]
+    reader_refs: tuple[Schema, ...] = ()
+    writer_refs: tuple[Schema, ...] = ()
+
+
+@dataclass(frozen=True)
+class Invalid:
+    id: str
+    schema: Schema
+    reason: str
 
 
 PRIMS = ["null", "boolean", "int", "long", "float", "double", "bytes", "string"]
@@ -664,6 +680,102 @@ PAIRS += [
     ),
 ]
 
+# --- union defaults --------------------------------------------------------------------------
+# A union default must match the union's first branch, which need not be null. A default only
+# matters when the reader has a field the writer lacks.
+PAIRS += [
+    Pair(
+        "union-default-string-first",
+        rec("R", fld("a", "int"), fld("s", ["string", "null"], default="x")),
+        rec("R", fld("a", "int")),
+        True,
+        True,
+        "a reader-only field takes its default 'x', which matches the first branch string",
+    ),
+    Pair(
+        "union-string-first-without-default",
+        rec("R", fld("a", "int"), fld("s", ["string", "null"])),
+        rec("R", fld("a", "int")),
+        False,
+        True,
+        "a nullable-looking union field is still required when it has no default",
+        frozenset({T.READER_FIELD_MISSING_DEFAULT_VALUE}),
+    ),
+    Pair(
+        "union-default-long-first-promotes",
+        rec("R", fld("a", "int"), fld("n", ["long", "null"], default=0)),
+        rec("R", fld("a", "int"), fld("n", ["int", "null"], default=0)),
+        True,
+        False,
+        "defaults are unused when both sides have the field: int widens to long, not back",
+        frozenset({T.MISSING_UNION_BRANCH}),
+    ),
+    Pair(
+        "union-default-record-first",
+        rec("R", fld("a", "int"), fld("p", [rec("P", fld("x", "int")), "null"], default={"x": 1})),
+        rec("R", fld("a", "int")),
+        True,
+        True,
+        "a record default for a union whose first branch is that record fills the missing field",
+    ),
+    Pair(
+        "union-default-reordered-branches",
+        rec("R", fld("s", ["string", "null"], default="x")),
+        rec("R", fld("s", ["null", "string"], default=None)),
+        True,
+        True,
+        "reordering branches (and the default with them) keeps both directions readable",
+    ),
+    Pair(
+        "union-default-in-nested-record",
+        rec("R", fld("in", rec("In", fld("a", "int"), fld("t", ["long", "null"], default=0)))),
+        rec("R", fld("in", rec("In", fld("a", "int")))),
+        True,
+        True,
+        "a nested record's reader-only union field takes its long default 0",
+    ),
+    Pair(
+        "union-nested-in-union-record-branch",
+        ["null", rec("X", fld("a", "int"), fld("u", ["int", "string"], default=5))],
+        ["null", rec("X", fld("a", "int"))],
+        True,
+        True,
+        "a union field inside a union's record branch takes its default from its first branch",
+    ),
+    Pair(
+        "union-nested-in-union-record-branch-no-default",
+        ["null", rec("X", fld("a", "int"), fld("u", ["int", "string"]))],
+        ["null", rec("X", fld("a", "int"))],
+        False,
+        True,
+        "the same nested union field without a default cannot be filled",
+        frozenset({T.READER_FIELD_MISSING_DEFAULT_VALUE}),
+    ),
+]
+
+INVALID: list[Invalid] = [
+    Invalid(
+        "union-null-default-string-first",
+        rec("R", fld("s", ["string", "null"], default=None)),
+        "null does not match the first branch string (the default must match the first branch)",
+    ),
+    Invalid(
+        "union-string-default-null-first",
+        rec("R", fld("s", ["null", "string"], default="x")),
+        "'x' does not match the first branch null, although string is a later branch",
+    ),
+    Invalid(
+        "union-null-default-record-first",
+        rec("R", fld("p", [rec("P", fld("x", "int")), "null"], default=None)),
+        "null does not match the first branch, record P",
+    ),
+    Invalid(
+        "union-default-in-nested-record-wrong-type",
+        rec("R", fld("in", rec("In", fld("t", ["long", "null"], default="0")))),
+        "a string does not match the first branch long, also in a nested record",
+    ),
+]
+
 # --- named type references -------------------------------------------------------------------
 ADDR = rec("Address", fld("street", "string"), namespace="ex")
 PAIRS += [
@@ -691,6 +803,55 @@ PAIRS += [
         True,
         "a change to a named type applies everywhere it is referenced",
         frozenset({T.READER_FIELD_MISSING_DEFAULT_VALUE}),
+    ),
+]
+
+# --- named types from referenced subjects (Confluent `references`) ---------------------------
+ADDR_ZIP_REQUIRED = rec("Address", fld("street", "string"), fld("zip", "string"), namespace="ex")
+ADDR_ZIP_DEFAULT = rec(
+    "Address", fld("street", "string"), fld("zip", "string", default=""), namespace="ex"
+)
+ORDER = rec("Order", fld("ship", "ex.Address"), namespace="ex")
+PAIRS += [
+    Pair(
+        "referenced-named-type-same",
+        ORDER,
+        ORDER,
+        True,
+        True,
+        "the same referenced subject version on both sides",
+        a_refs=(ADDR,),
+        b_refs=(ADDR,),
+    ),
+    Pair(
+        "referenced-vs-inline-named-type",
+        ORDER,
+        rec("Order", fld("ship", ADDR), namespace="ex"),
+        True,
+        True,
+        "a named type resolves the same whether a reference supplies it or it is inline",
+        a_refs=(ADDR,),
+    ),
+    Pair(
+        "referenced-named-type-added-required-field",
+        ORDER,
+        ORDER,
+        False,
+        True,
+        "a required field added in a newer version of the referenced subject has no default",
+        frozenset({T.READER_FIELD_MISSING_DEFAULT_VALUE}),
+        a_refs=(ADDR_ZIP_REQUIRED,),
+        b_refs=(ADDR,),
+    ),
+    Pair(
+        "referenced-named-type-added-defaulted-field",
+        ORDER,
+        ORDER,
+        True,
+        True,
+        "a defaulted field added in the referenced subject is filled; the old reader skips it",
+        a_refs=(ADDR_ZIP_DEFAULT,),
+        b_refs=(ADDR,),
     ),
 ]
 
@@ -811,6 +972,8 @@ def _expand(pairs: list[Pair]) -> list[Case]:
                 pair.a_reads_b,
                 pair.reason,
                 frozenset() if pair.a_reads_b else pair.kinds,
+                pair.a_refs,
+                pair.b_refs,
             )
         )
         cases.append(
@@ -821,6 +984,8 @@ def _expand(pairs: list[Pair]) -> list[Case]:
                 pair.b_reads_a,
                 pair.reason,
                 frozenset() if pair.b_reads_a else pair.kinds,
+                pair.b_refs,
+                pair.a_refs,
             )
         )
     return cases

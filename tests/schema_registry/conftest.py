@@ -2,15 +2,15 @@
 
 PostgreSQL runs when ``BILTEN_TEST_POSTGRES_DSN`` is set (``./dev/postgres.sh start`` prints
 one); each test gets its own PostgreSQL schema (``search_path``) so tests stay independent.
+Without the DSN the PostgreSQL variants skip, unless ``BILTEN_REQUIRE_SERVICES=1`` is set
+(the full test run): then they fail, so a missing server cannot pass as a green run.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -20,8 +20,10 @@ from schema_registry.auth import StaticTokenAuthenticator
 from schema_registry.registry import SchemaRegistry
 from schema_registry.settings import RegistrySettings
 from schema_registry.storage import open_store
+from schema_registry.storage.postgres import throwaway_schema
 
 PG_ENV = "BILTEN_TEST_POSTGRES_DSN"
+REQUIRE_ENV = "BILTEN_REQUIRE_SERVICES"
 ADMIN_TOKEN = "admin-token-0001"
 READ_TOKEN = "read-token-00001"
 WRITE_TOKEN = "write-token-0001"
@@ -36,33 +38,35 @@ def postgres_dsn() -> str | None:
     return os.environ.get(PG_ENV) or None
 
 
+def services_required() -> bool:
+    return os.environ.get(REQUIRE_ENV) == "1"
+
+
+_MISSING_DSN = f"{PG_ENV} is not set; run ./dev/postgres.sh start and export the DSN it prints"
+
+
 def requires_postgres() -> pytest.MarkDecorator:
+    # When services are required the test runs anyway and `require_postgres_dsn` fails it.
     return pytest.mark.skipif(
-        postgres_dsn() is None,
-        reason=f"{PG_ENV} is not set; run ./dev/postgres.sh start and export the DSN it prints",
+        postgres_dsn() is None and not services_required(), reason=_MISSING_DSN
     )
 
 
-def with_search_path(dsn: str, schema: str) -> str:
-    sep = "&" if "?" in dsn else "?"
-    return f"{dsn}{sep}options={quote(f'-csearch_path={schema}')}"
+def require_postgres_dsn() -> str:
+    """The DSN; without one, skip the test, or fail it when ``BILTEN_REQUIRE_SERVICES=1``."""
+    dsn = postgres_dsn()
+    if dsn is None:
+        if services_required():
+            pytest.fail(f"{_MISSING_DSN} ({REQUIRE_ENV}=1: PostgreSQL tests may not skip)")
+        pytest.skip(_MISSING_DSN)
+    return dsn
 
 
 @pytest.fixture
 def pg_schema_url() -> Iterator[str]:
     """A DSN whose tables land in a fresh PostgreSQL schema, dropped afterwards."""
-    import psycopg
-
-    dsn = postgres_dsn()
-    assert dsn is not None
-    schema = f"sr_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield with_search_path(dsn, schema)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with throwaway_schema(require_postgres_dsn(), "sr_test") as url:
+        yield url
 
 
 STORES = [

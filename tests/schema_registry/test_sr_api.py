@@ -104,6 +104,55 @@ async def test_register_is_content_addressed_and_global(client: httpx.AsyncClien
     assert r.json() == {"id": 2}
 
 
+PLAIN_EMAIL = avro([{"name": "email", "type": "string"}], name="SignedUp")
+MARKED_EMAIL = avro([{"name": "email", "type": "string", "personal": True}], name="SignedUp")
+
+
+async def test_custom_attributes_are_part_of_identity(client: httpx.AsyncClient) -> None:
+    # `"personal": true` decides which event properties are sealed: a schema that differs
+    # only by it is a different schema (new id, new version), and its text keeps the mark.
+    plain = (await register(client, "events.t1.signed_up", PLAIN_EMAIL)).json()["id"]
+    marked = (await register(client, "events.t1.signed_up", MARKED_EMAIL)).json()["id"]
+    assert marked != plain
+    assert (await client.get("/subjects/events.t1.signed_up/versions")).json() == [1, 2]
+    latest = (await client.get("/subjects/events.t1.signed_up/versions/latest")).json()
+    assert latest["id"] == marked
+    assert json.loads(latest["schema"])["fields"][0]["personal"] is True
+    assert json.loads((await client.get(f"/schemas/ids/{marked}")).json()["schema"])["fields"][0][
+        "personal"
+    ]
+    # Another tenant registering the marked shape gets the marked text, not the plain one.
+    assert (await register(client, "events.t2.signed_up", MARKED_EMAIL)).json()["id"] == marked
+    r = await client.get("/subjects/events.t2.signed_up/versions/latest/schema")
+    assert r.json()["fields"][0]["personal"] is True
+    # Custom attributes are normalised: key order and whitespace do not make a new schema,
+    # and the same shape without marks still dedups to the plain id.
+    reordered = json.dumps(
+        {
+            "name": "ex.SignedUp",
+            "fields": [{"personal": True, "type": {"type": "string"}, "name": "email"}],
+            "type": "record",
+        },
+        indent=4,
+    )
+    assert (await register(client, "events.t3.signed_up", reordered)).json()["id"] == marked
+    assert (await register(client, "events.t4.signed_up", PLAIN_EMAIL)).json()["id"] == plain
+    nested = avro(
+        [{"name": "email", "type": "string", "personal": True, "tags": {"b": 1, "a": [2]}}],
+        name="SignedUp",
+    )
+    nested_reordered = avro(
+        [{"tags": {"a": [2], "b": 1}, "name": "email", "personal": True, "type": "string"}],
+        name="SignedUp",
+    )
+    first = (await register(client, "n1", nested)).json()["id"]
+    assert first not in (plain, marked)
+    assert (await register(client, "n2", nested_reordered)).json()["id"] == first
+    # Lookup distinguishes them as well.
+    r = await client.post("/subjects/events.t4.signed_up", json={"schema": MARKED_EMAIL})
+    error(r, 404, 40403)
+
+
 async def test_primitive_canonicalisation(client: httpx.AsyncClient) -> None:
     a = (await register(client, "p1", '"string"')).json()["id"]
     b = (await register(client, "p2", '{"type": "string"}')).json()["id"]
@@ -320,6 +369,58 @@ async def test_transitive_registration(client: httpx.AsyncClient) -> None:
     assert (await register(client, "s", v3)).status_code == 200
 
 
+def _fields(*specs: str) -> str:
+    """A record from `name:type` specs; `name:type=default` gives the field a default."""
+    fields: list[dict[str, Any]] = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        ftype, eq, default = rest.partition("=")
+        field: dict[str, Any] = {"name": name, "type": ftype}
+        if eq:
+            field["default"] = json.loads(default)
+        fields.append(field)
+    return avro(fields)
+
+
+# Per level: the live history, a schema the level refuses (409) and one it accepts. The
+# transitive cases pass the latest version and fail only an older one.
+LEVEL_CASES = [
+    ("NONE", ["a:int"], None, _fields("a:string")),
+    ("BACKWARD", ["a:int"], _fields("a:int", "b:int"), _fields("a:int", "b:int=0")),
+    ("FORWARD", ["a:int"], _fields("b:int"), _fields("a:int", "b:int")),
+    ("FULL", ["a:int"], _fields("a:int", "b:int"), _fields("a:int", "b:int=0")),
+    (
+        "BACKWARD_TRANSITIVE",
+        ["a:int", "b:int=0"],
+        _fields('a:string="x"', "b:int=0"),
+        _fields("b:int=0", "c:int=0"),
+    ),
+    ("FORWARD_TRANSITIVE", ["a:int", "a:int=0"], _fields("b:int"), _fields("a:int", "b:int")),
+    ("FULL_TRANSITIVE", ["a:int", "a:int=0"], _fields("b:int=0"), _fields("a:int", "b:int=0")),
+]
+
+
+@pytest.mark.parametrize(
+    ("level", "history", "refused", "accepted"), LEVEL_CASES, ids=[c[0] for c in LEVEL_CASES]
+)
+async def test_each_level_set_on_a_subject_governs_registration(
+    client: httpx.AsyncClient, level: str, history: list[str], refused: str | None, accepted: str
+) -> None:
+    await client.put("/config/s", json={"compatibility": "NONE"})
+    for spec in history:
+        assert (await register(client, "s", _fields(*spec.split(",")))).status_code == 200
+    r = await client.put("/config/s", json={"compatibility": level})
+    assert r.json() == {"compatibility": level}
+    assert (await client.get("/config/s")).json() == {"compatibilityLevel": level}
+    if refused is not None:
+        message = error(await register(client, "s", refused), 409, 40901)
+        assert f"{{compatibility: '{level}'}}" in message
+    else:
+        # NONE: even a schema that reads nothing of the old data is accepted.
+        assert (await register(client, "s", _fields("a:boolean"))).status_code == 200
+    assert (await register(client, "s", accepted)).status_code == 200
+
+
 async def test_compatibility_endpoint(client: httpx.AsyncClient) -> None:
     r = await client.post("/compatibility/subjects/new/versions/latest", json={"schema": USER_V1})
     assert r.json() == {"is_compatible": True}
@@ -378,16 +479,34 @@ async def test_invalid_requests(client: httpx.AsyncClient) -> None:
         42201,
     )
     error(await client.post("/subjects/s/versions", json={}), 422, 42201)
-    r = await client.post(
-        "/subjects/s/versions", content=b"{not json", headers={"Content-Type": "application/json"}
-    )
-    error(r, 500, 50005)
     big = avro([{"name": f"f{i}", "type": "string", "doc": "x" * 100} for i in range(1000)])
     error(await register(client, "s", big), 422, 42209)
     error(await client.get("/nowhere"), 404, 404)
     error(await client.put("/schemas/types"), 405, 405)
     error(await client.get("/associations/resources/-/topic?resourceType=topic"), 404, 40410)
     error(await client.put("/config/bad%01subject", json={"compatibility": "NONE"}), 422, 42208)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/subjects/s/versions"),
+        ("POST", "/subjects/s"),
+        ("POST", "/compatibility/subjects/s/versions/latest"),
+        ("PUT", "/config"),
+        ("PUT", "/config/s"),
+        ("PUT", "/mode"),
+    ],
+)
+async def test_malformed_json_body_is_a_client_error(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    # Confluent (rest-utils' JsonParseExceptionMapper) answers 400 with error_code 400.
+    r = await client.request(
+        method, path, content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    message = error(r, 400, 400)
+    assert "JSON" in message
 
 
 async def test_percent_encoded_subjects(client: httpx.AsyncClient) -> None:
@@ -468,6 +587,40 @@ async def test_auth_on_api(app: Any) -> None:
         assert (await admin.get("/schemas/ids/1")).status_code == 200
     async with c(headers={"Authorization": "Basic !!!"}) as garbage:
         error(await garbage.get("/schemas/ids/1"), 401, 40101)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "/config", {"compatibility": "NONE"}),
+        ("DELETE", "/config", None),
+        ("PUT", "/mode", {"mode": "READONLY"}),
+    ],
+)
+async def test_global_config_and_mode_writes_need_the_admin_scope(
+    app: Any, method: str, path: str, body: dict[str, str] | None
+) -> None:
+    from tests.schema_registry.conftest import ADMIN_TOKEN, WRITE_TOKEN
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://r",
+        headers={"Authorization": f"Bearer {WRITE_TOKEN}"},
+    ) as writer:
+        message = error(await writer.request(method, path, json=body), 403, 40301)
+        assert "admin" in message
+        # The setting is unchanged, and the writer keeps its subject-level rights.
+        assert (await writer.get("/config")).json() == {"compatibilityLevel": "BACKWARD"}
+        assert (await writer.get("/mode")).json() == {"mode": "READWRITE"}
+        assert (await writer.put("/config/s", json={"compatibility": "NONE"})).status_code == 200
+        assert (await writer.put("/mode/s", json={"mode": "READWRITE"})).status_code == 200
+        assert (await register(writer, "s", '"int"')).status_code == 200
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://r",
+        auth=httpx.BasicAuth("anyone", ADMIN_TOKEN),
+    ) as admin:
+        assert (await admin.request(method, path, json=body)).status_code == 200
 
 
 async def test_permanent_delete_evicts_the_id_cache(client: httpx.AsyncClient) -> None:

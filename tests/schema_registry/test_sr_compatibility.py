@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from schema_registry.avro_schema import parse_schema
+from schema_registry.avro_schema import NamedType, SchemaParseError, parse_schema
 from schema_registry.compatibility import (
     CompatibilityLevel,
     ExistingSchema,
@@ -14,13 +14,28 @@ from schema_registry.compatibility import (
     check_level,
     reader_incompatibilities,
 )
-from tests.schema_registry.compatibility_cases import CASES, PAIRS, Case, arr, enum, fld, rec
+from tests.schema_registry.compatibility_cases import (
+    CASES,
+    INVALID,
+    PAIRS,
+    Case,
+    Invalid,
+    arr,
+    enum,
+    fld,
+    rec,
+)
 
 pytestmark = pytest.mark.unit
 
 
-def parse(schema: object):  # type: ignore[no-untyped-def]
-    return parse_schema(json.dumps(schema)).root
+def parse(schema: object, refs: tuple[object, ...] = ()):  # type: ignore[no-untyped-def]
+    # Referenced schemas are parsed first; their named types are visible to `schema`, as
+    # the registry does for Confluent `references`.
+    known: dict[str, NamedType] = {}
+    for ref in refs:
+        known.update(parse_schema(json.dumps(ref), known).defined)
+    return parse_schema(json.dumps(schema), known).root
 
 
 def test_table_is_large_and_covers_both_directions() -> None:
@@ -35,13 +50,21 @@ def test_table_is_large_and_covers_both_directions() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_reader_writer_case(case: Case) -> None:
-    found = reader_incompatibilities(parse(case.reader), parse(case.writer))
+    found = reader_incompatibilities(
+        parse(case.reader, case.reader_refs), parse(case.writer, case.writer_refs)
+    )
     if case.compatible:
         assert found == [], f"{case.reason}: unexpected {[i.render() for i in found]}"
     else:
         assert found, f"{case.reason}: expected an incompatibility"
         kinds = {issue.type for issue in found}
         assert kinds <= case.kinds, f"{case.reason}: got {kinds}, expected within {case.kinds}"
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[c.id for c in INVALID])
+def test_invalid_union_defaults_are_refused(case: Invalid) -> None:
+    with pytest.raises(SchemaParseError, match="first branch"):
+        parse(case.schema)
 
 
 def test_locations_name_the_offending_path() -> None:
@@ -116,6 +139,37 @@ def test_forward_transitive_checks_all() -> None:
     new = rec("R", fld("a", "int"))  # drops b: v2 can read it (default), v1 cannot
     assert not check_level(parse(new), _versions(v1, v2), CompatibilityLevel.FORWARD)
     assert check_level(parse(new), _versions(v1, v2), CompatibilityLevel.FORWARD_TRANSITIVE)
+
+
+# v1 requires b; v2 gives b a default; v3 adds a defaulted c; NEW drops b. NEW and v2 read each other (b defaults
+# in v2), so FULL, which checks only the latest version, accepts NEW; v1 cannot read NEW's
+# data (b missing, no default), so FULL_TRANSITIVE, which checks every version, refuses it.
+FULL_V1 = rec("R", fld("a", "int"), fld("b", "int"))
+FULL_V2 = rec("R", fld("a", "int"), fld("b", "int", default=0))
+FULL_V3 = rec("R", fld("a", "int"), fld("b", "int", default=0), fld("c", "string", default=""))
+FULL_NEW = rec("R", fld("a", "int"))
+
+
+@pytest.mark.parametrize(
+    ("level", "history", "ok"),
+    [
+        (CompatibilityLevel.FULL, (FULL_V1, FULL_V2), True),
+        (CompatibilityLevel.FULL_TRANSITIVE, (FULL_V1, FULL_V2), False),
+        # With v1 no longer live (soft-deleted versions are not passed in), both accept.
+        (CompatibilityLevel.FULL_TRANSITIVE, (FULL_V2,), True),
+        # Three versions: the failing one is the oldest, two versions back.
+        (CompatibilityLevel.FULL, (FULL_V1, FULL_V2, FULL_V3), True),
+        (CompatibilityLevel.FULL_TRANSITIVE, (FULL_V1, FULL_V2, FULL_V3), False),
+    ],
+)
+def test_full_checks_latest_full_transitive_checks_every_version(
+    level: CompatibilityLevel, history: tuple[object, ...], ok: bool
+) -> None:
+    messages = check_level(parse(FULL_NEW), _versions(*history), level)
+    assert (messages == []) is ok, messages
+    if not ok:
+        assert "{oldSchemaVersion: 1}" in messages
+        assert any("READER_FIELD_MISSING_DEFAULT_VALUE" in m for m in messages)
 
 
 def test_verbose_messages_carry_version_and_level() -> None:

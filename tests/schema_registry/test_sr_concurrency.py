@@ -37,24 +37,11 @@ def raced(
         url = f"sqlite:///{Path(tmp_path_factory.mktemp('race')) / 'registry.db'}"
         yield url, run_concurrent_writers(url)
         return
-    import uuid
+    from schema_registry.storage.postgres import throwaway_schema
+    from tests.schema_registry.conftest import require_postgres_dsn
 
-    import psycopg
-
-    from tests.schema_registry.conftest import postgres_dsn, with_search_path
-
-    dsn = postgres_dsn()
-    if dsn is None:
-        pytest.skip("BILTEN_TEST_POSTGRES_DSN is not set; run ./dev/postgres.sh start")
-    schema = f"sr_race_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    url = with_search_path(dsn, schema)
-    try:
+    with throwaway_schema(require_postgres_dsn(), "sr_race") as url:
         yield url, run_concurrent_writers(url)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def _job(results: list[Result], job: str) -> list[Result]:
