@@ -196,21 +196,47 @@ class DecodedBatch:
     sealed: pa.Table = field(default_factory=SEALED_SCHEMA.empty_table)
 
 
-class _Cursor:
-    """Reads one Avro primitive from every body at once."""
+class Frames:
+    """A batch of message values joined into one buffer: the header check, the grouping
+    by schema id and the decoding all read it without a Python step per record."""
 
-    def __init__(self, bodies: Sequence[bytes | memoryview], skip: int = 0) -> None:
+    def __init__(self, values: Sequence[bytes | memoryview | None]) -> None:
+        bodies = [b"" if v is None else v for v in values]
         self.count = len(bodies)
-        lengths = np.fromiter((len(b) for b in bodies), dtype=_I64, count=self.count)
+        lengths = np.fromiter(map(len, bodies), dtype=_I64, count=self.count)
         self.ends = np.cumsum(lengths)
-        # `skip`: each body starts with that many bytes to pass over (a Confluent header),
-        # cheaper than slicing every payload in Python.
-        self.pos = self.ends - lengths + skip
+        self.starts = self.ends - lengths
         # Padding: reads past a body's end stay inside the buffer; such rows are marked
         # bad by the bounds check, never read from another process's memory.
         self.buf = np.frombuffer(b"".join(bodies) + bytes(_MAX_VARINT_BYTES + 1), dtype=np.uint8)
+
+    def schema_ids(self) -> npt.NDArray[np.int64]:
+        """Each value's Confluent schema id; -1 where it is no Confluent frame (too short
+        or no magic byte 0)."""
+        framed = (self.ends - self.starts >= HEADER.size) & (
+            self.buf[np.minimum(self.starts, len(self.buf) - 1)] == MAGIC_BYTE
+        )
+        ids = np.zeros(self.count, dtype=_I64)
+        for k in range(1, HEADER.size):  # the 4-byte big-endian id after the magic byte
+            byte = self.buf[np.minimum(self.starts + k, len(self.buf) - 1)].astype(_I64)
+            ids = (ids << 8) | byte
+        return np.where(framed, ids, -1)
+
+
+class _Cursor:
+    """Reads one Avro primitive from every body at once."""
+
+    def __init__(self, frames: Frames, rows: npt.NDArray[np.int64] | None, skip: int) -> None:
+        # `skip`: each body starts with that many bytes to pass over (a Confluent header),
+        # cheaper than slicing every payload in Python.
+        starts = frames.starts if rows is None else frames.starts[rows]
+        self.ends = frames.ends if rows is None else frames.ends[rows]
+        self.count = len(self.ends)
+        self.pos = starts + skip
+        self.buf = frames.buf
         self.reasons: dict[int, str] = {}
         self.ok = np.ones(self.count, dtype=bool)
+        self.fail(self.pos > self.ends, "truncated before the record")
 
     def fail(self, rows: npt.NDArray[np.bool_], reason: str) -> None:
         if not rows.any():
@@ -222,13 +248,22 @@ class _Cursor:
         self.pos = np.where(self.ok, self.pos, self.ends)
 
     def long(self, field: str) -> npt.NDArray[np.int64]:
+        first = self.buf[self.pos]
+        if not (first & 0x80).any():
+            # Common case (string lengths under 64, small ints): one byte per value.
+            self.pos = self.pos + self.ok
+            self.fail(self.pos > self.ends, f"{field}: truncated")
+            small = first.astype(_I64)
+            return np.where(self.ok, (small >> 1) ^ -(small & 1), 0)
         result = np.zeros(self.count, dtype=_U64)
         nbytes = np.zeros(self.count, dtype=_I64)
         active = self.ok.copy()
         for k in range(_MAX_VARINT_BYTES):
             if not active.any():
                 break
-            byte = self.buf[np.minimum(self.pos + k, len(self.buf) - 1)].astype(_U64)
+            # pos <= end for every row (failed rows park at their end) and the buffer is
+            # padded by _MAX_VARINT_BYTES + 1 bytes, so pos + k stays inside it.
+            byte = self.buf[self.pos + k].astype(_U64)
             result |= np.where(active, (byte & _U64(0x7F)) << _U64(7 * k), _U64(0))
             nbytes += active
             active &= (byte & _U64(0x80)) != 0
@@ -244,28 +279,23 @@ class _Cursor:
         lengths = np.where(self.ok, lengths, 0)
         self.fail(self.pos + lengths > self.ends, f"{field}: truncated")
         lengths = np.where(self.ok, lengths, 0)
-        offsets = np.zeros(self.count + 1, dtype=_I64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        if total == 0:  # a field empty in the whole batch (referrer, order_id, ...)
+        if not lengths.any():  # a field empty in the whole batch (referrer, order_id, ...)
             zeros = pa.py_buffer(np.zeros(self.count + 1, dtype=np.int32))
             return pa.Array.from_buffers(pa.string(), self.count, [None, zeros, pa.py_buffer(b"")])
-        # Gather every string's bytes into one contiguous buffer: position j of the
-        # output comes from `pos[row] + (j - offsets[row])`.
-        shift = np.repeat(self.pos - offsets[:-1], lengths)
-        shift += np.arange(total, dtype=_I64)
-        data = self.buf[shift]
-        self.pos = self.pos + lengths
-        small = total < 2**31  # 32-bit offsets: one cast to `string` instead of two
-        array = pa.Array.from_buffers(
+        # The strings lie in the buffer in row order, so offsets alternating string start
+        # and end describe, without a copy, an array whose even elements are the strings
+        # (odd ones are the bytes between them); `take` copies those out in C++.
+        small = len(self.buf) < 2**31
+        bounds = np.empty(2 * self.count, dtype=np.int32 if small else _I64)
+        bounds[0::2] = self.pos
+        bounds[1::2] = self.pos + lengths
+        interleaved = pa.Array.from_buffers(
             pa.binary() if small else pa.large_binary(),
-            self.count,
-            [
-                None,
-                pa.py_buffer(offsets.astype(np.int32) if small else offsets),
-                pa.py_buffer(data),
-            ],
+            2 * self.count - 1,
+            [None, pa.py_buffer(bounds), pa.py_buffer(self.buf)],
         )
+        self.pos = self.pos + lengths
+        array = interleaved.take(pa.array(np.arange(0, 2 * self.count, 2, dtype=_I64)))
         return self._utf8(array, field)
 
     def _utf8(self, array: pa.Array, field: str) -> pa.Array:
@@ -289,7 +319,16 @@ class _Cursor:
 def decode_bodies(bodies: Sequence[bytes | memoryview], header_size: int = 0) -> DecodedBatch:
     """Decodes Avro bodies written with exactly `ENVELOPE_SCHEMA`; `header_size` bytes at
     the start of each are skipped (pass `HEADER_SIZE` for whole Confluent frames)."""
-    cursor = _Cursor(bodies, header_size)
+    return decode_frames(Frames(bodies), None, header_size)
+
+
+def decode_frames(
+    frames: Frames, rows: npt.NDArray[np.int64] | None, header_size: int
+) -> DecodedBatch:
+    """Decodes the `rows` of `frames` (all when None, else ascending positions) written
+    with exactly `ENVELOPE_SCHEMA`, skipping `header_size` bytes of each; the result's
+    indices and rejections count positions in `rows`."""
+    cursor = _Cursor(frames, rows, header_size)
     columns: dict[str, pa.Array] = {}
     for name, kind, column_name in _FIELDS:
         if kind == "string":

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import fastavro
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -16,7 +17,13 @@ from hypothesis import strategies as st
 from services.events.model import Enrichment, EventSource, TrackedEvent, TrackedEventType
 from services.storage.event_store import events_to_table
 from services.streaming import avro_envelope as envelope
-from services.streaming.codec import decode_bodies, decode_resolved, encode_table
+from services.streaming.codec import (
+    Frames,
+    decode_bodies,
+    decode_frames,
+    decode_resolved,
+    encode_table,
+)
 from tests.streaming.conftest import event
 
 pytestmark = pytest.mark.unit
@@ -163,3 +170,52 @@ def test_frames_without_the_magic_byte_are_refused() -> None:
         envelope.unframe(b'{"json": true}')
     with pytest.raises(envelope.EnvelopeError):
         envelope.unframe(b"\x00\x00")
+
+
+def test_frames_give_schema_ids_and_decode_row_subsets_like_whole_batches() -> None:
+    frames_in = [envelope.encode(event(i), 7 if i % 3 else 9) for i in range(9)]
+    values: list[bytes | None] = [*frames_in, b'{"json": true}', None, b"\x00\x00", b""]
+    frames = Frames(values)
+    assert frames.schema_ids().tolist() == [9, 7, 7, 9, 7, 7, 9, 7, 7, -1, -1, -1, -1]
+    rows = np.flatnonzero(frames.schema_ids() == 7)
+    subset = decode_frames(frames, rows, envelope.HEADER_SIZE)
+    alone = decode_bodies([frames_in[i] for i in rows.tolist()], envelope.HEADER_SIZE)
+    assert subset.rejected == [] and subset.table.equals(alone.table)
+    assert subset.table.column("event_id").to_pylist() == [f"e-{i}" for i in rows.tolist()]
+
+
+_valid_bodies = st.lists(st.integers(0, 40), min_size=1, max_size=12).map(
+    lambda ids: [envelope.encode(event(i), 1)[envelope.HEADER_SIZE :] for i in ids]
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_valid_bodies, st.data())
+def test_damaged_bodies_never_break_the_batch_and_decode_as_fastavro_does(
+    bodies: list[bytes], data: st.DataObject
+) -> None:
+    """Cut, extended or flipped bodies: the vectorised decoder keeps exactly the rows
+    fastavro reads as the whole body (no bytes left over) and the model accepts."""
+    damaged = []
+    for body in bodies:
+        action = data.draw(st.sampled_from(["keep", "cut", "extend", "flip"]))
+        if action == "cut":
+            body = body[: data.draw(st.integers(0, len(body) - 1))]
+        elif action == "extend":
+            body = body + data.draw(st.binary(min_size=1, max_size=4))
+        elif action == "flip":
+            at = data.draw(st.integers(0, len(body) - 1))
+            body = body[:at] + bytes([data.draw(st.integers(0, 255))]) + body[at + 1 :]
+        damaged.append(body)
+    decoded = decode_bodies(damaged)
+    kept = decoded.indices.tolist()
+    assert sorted(kept + [row for row, _ in decoded.rejected]) == list(range(len(damaged)))
+    for position, row in enumerate(kept):
+        stream = io.BytesIO(damaged[row])
+        record = fastavro.schemaless_reader(stream, envelope.PARSED_ENVELOPE_SCHEMA, None)
+        assert stream.tell() == len(damaged[row])  # fastavro read the whole body too
+        assert isinstance(record, dict)
+        got = decoded.table.slice(position, 1).to_pylist()[0]
+        assert got["event_id"] == record["event_id"]
+        assert got["tenant_id"] == record["tenant_id"]
+        assert got["quantity"] == record["quantity"]
