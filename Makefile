@@ -44,7 +44,7 @@ proto-lint: install
 	$(BIN)/python scripts/proto.py lint
 
 proto-breaking: install
-	$(BIN)/python scripts/proto.py breaking $${BUF_AGAINST:-HEAD~1}
+	$(BIN)/python scripts/proto.py breaking $${BUF_AGAINST:-main}
 
 check: lint typecheck generate-check proto-lint proto-breaking
 

@@ -6,7 +6,12 @@ developers run the same steps:
     python scripts/proto.py generate   # gen/python + gen/descriptors (committed)
     python scripts/proto.py check      # fails when the committed generated tree is stale
     python scripts/proto.py lint       # buf lint (STANDARD + COMMENTS) and buf format
-    python scripts/proto.py breaking [REF]  # buf breaking against REF (default HEAD~1)
+    python scripts/proto.py breaking [REF]  # buf breaking against REF (default main)
+
+`breaking` compares with the commit where HEAD forked from REF (`git merge-base`): a branch
+is checked against main, and main itself (HEAD at main) against its parent commit. A REF or
+parent that cannot be found (a shallow clone, a clone without main) fails the step; REF
+`none` (BUF_AGAINST=none) skips it on purpose.
 
 Why images instead of a plain `buf lint`: protovalidate's `buf/validate/validate.proto`
 is not shipped as text by any package reachable here, only as a serialized descriptor
@@ -164,16 +169,61 @@ def lint() -> int:
     return lint_rc or format_rc.returncode
 
 
+def _git(repo: Path, *args: str) -> str | None:
+    """`git -C repo args`'s output, or None when it fails."""
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, check=False)
+    return done.stdout.decode().strip() if done.returncode == 0 else None
+
+
+class MissingBaseline(Exception):
+    """The commit to compare against cannot be found."""
+
+
+def breaking_baseline(ref: str, repo: Path = ROOT) -> str | None:
+    """The commit whose proto/ HEAD's must stay compatible with: where HEAD forked from
+    `ref` (tried as given, then as origin/<ref>), or HEAD's parent when HEAD is on `ref`
+    already. None only for a repository's first commit, which has nothing before it."""
+    target = None
+    for name in (ref, f"origin/{ref}"):
+        target = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
+        if target:
+            break
+    shallow = _git(repo, "rev-parse", "--is-shallow-repository") == "true"
+    hint = "fetch full history, or set BUF_AGAINST=none to skip the check on purpose"
+    if not target:
+        raise MissingBaseline(f"no commit {ref!r} (nor origin/{ref}) here: {hint}")
+    head = _git(repo, "rev-parse", "HEAD")
+    base = _git(repo, "merge-base", "HEAD", target)
+    if base is None:
+        raise MissingBaseline(f"no common history of HEAD and {ref!r}: {hint}")
+    if base != head:
+        return base
+    parent = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD~1^{commit}")
+    if parent:
+        return parent
+    if shallow:
+        raise MissingBaseline(f"HEAD is on {ref!r} but its parent is not in this clone: {hint}")
+    return None
+
+
 def breaking(ref: str) -> int:
     buf = str(VENV_BIN / "buf")
-    has_ref = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{ref}:proto"],
-        capture_output=True,
-        check=False,
-    )
-    if has_ref.returncode != 0:
-        print(f"no proto/ at {ref}: nothing to compare against")
+    if ref == "none":
+        print("buf breaking: skipped (BUF_AGAINST=none)")
         return 0
+    try:
+        base = breaking_baseline(ref)
+    except MissingBaseline as error:
+        print(f"buf breaking: {error}", file=sys.stderr)
+        return 2
+    if base is None:
+        print("buf breaking: HEAD is the first commit, nothing to compare against")
+        return 0
+    if _git(ROOT, "rev-parse", "--verify", "--quiet", f"{base}:proto") is None:
+        print(f"no proto/ at {base}: nothing to compare against")
+        return 0
+    print(f"buf breaking against {base[:12]} (from {ref})")
+    ref = base
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         old_dir = work / "old"
@@ -210,7 +260,7 @@ def main() -> int:
     sub.add_parser("check")
     sub.add_parser("lint")
     b = sub.add_parser("breaking")
-    b.add_argument("ref", nargs="?", default="HEAD~1")
+    b.add_argument("ref", nargs="?", default="main")
     args = parser.parse_args()
     if args.command == "generate":
         generate(GEN_DIR)

@@ -23,7 +23,7 @@ $BIN/ruff check services schema_registry tests scripts
 $BIN/mypy
 $BIN/python scripts/proto.py check
 $BIN/python scripts/proto.py lint
-$BIN/python scripts/proto.py breaking "${BUF_AGAINST:-HEAD~1}"
+$BIN/python scripts/proto.py breaking "${BUF_AGAINST:-main}"
 
 echo "== servers for the integration tiers"
 bash dev/postgres.sh start >/dev/null

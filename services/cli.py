@@ -120,7 +120,8 @@ async def _up(args: argparse.Namespace) -> int:
             f"  data      {data_dir.resolve()}\n"
             f"  tenant    {credentials['tenant_id']}\n"
             f"  write key {credentials['write_key']}\n"
-            f"  admin token and more in {data_dir / 'credentials.json'}\n"
+            f"  admin token {credentials['admin_token']}\n"
+            f"  all of them in {data_dir / 'credentials.json'}\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -104,6 +104,41 @@ def to_rpc_status(error: AnalyticsError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message, so that the
+    edge answers INVALID_ARGUMENT instead of grpc's UNKNOWN for a failed deserializer."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """`deserializer` returning an `Undecodable` rather than raising on malformed bytes."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # DecodeError, or anything a bad payload provokes
+            return Undecodable(error)
+
+    return deserialize
+
+
+def _decoded(request: Message | Undecodable) -> Message:
+    if isinstance(request, Undecodable):
+        raise AnalyticsError(
+            StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+            f"request is not a valid protobuf message for this method: {request.error}",
+        )
+    return request
+
+
 class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator, audit: AuditSink | None = None) -> None:
         self._authenticator = authenticator
@@ -125,24 +160,24 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 edge.unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 edge.server_stream(handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 edge.client_stream(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             edge.bidi_stream(handler.stream_stream),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -174,7 +209,9 @@ class _Call:
         # aggregation service's live streams). Nothing reads the context after the call.
         self._peer = client_address(str(context.peer()), self._metadata.get("x-forwarded-for", ""))
 
-    def _note_resource(self, request: Message) -> None:
+    def _note_resource(self, request: Message | Undecodable) -> None:
+        if isinstance(request, Undecodable):
+            return
         fields = request.DESCRIPTOR.fields_by_name
         for name in RESOURCE_FIELDS:
             if name in fields and fields[name].type == fields[name].TYPE_STRING:
@@ -253,7 +290,7 @@ class _Call:
 
     def unary(self, inner: Callable[..., Awaitable[Message]]) -> Callable[..., Awaitable[Message]]:
         async def behavior(
-            request: Message, context: grpc.aio.ServicerContext[Any, Any]
+            request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Message:
             started = time.perf_counter()
             self._note_peer(context)
@@ -261,6 +298,7 @@ class _Call:
                 try:
                     self._note_resource(request)
                     self._admit()
+                    request = _decoded(request)
                     self._validate(request)
                     response = await inner(request, context)
                 except AnalyticsError as error:
@@ -281,7 +319,7 @@ class _Call:
         self, inner: Callable[..., AsyncIterator[Message]]
     ) -> Callable[..., AsyncIterator[Message]]:
         async def behavior(
-            request: Message, context: grpc.aio.ServicerContext[Any, Any]
+            request: Message | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Message]:
             self._note_peer(context)
             # Until the stream ends by itself: a client hanging up (or a server cancel)
@@ -291,6 +329,7 @@ class _Call:
                 try:
                     self._note_resource(request)
                     self._admit()
+                    request = _decoded(request)
                     self._validate(request)
                     async for response in inner(request, context):
                         yield response
@@ -312,7 +351,8 @@ class _Call:
 
     def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
         async def iterate() -> AsyncIterator[Message]:
-            async for request in requests:
+            async for received in requests:
+                request = _decoded(received)
                 # Runs in the consuming handler's context, so the servicer reads this
                 # message's per-item violations right after receiving it.
                 self._validate(request)

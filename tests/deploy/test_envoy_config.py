@@ -97,3 +97,42 @@ def test_routes_and_upstreams_cover_the_services(
     }
     assert listeners == {"gateway": ports["gateway"], "health": ports["health"]}
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_envoy_own_errors_are_json_status_like_up(
+    rendered: dict[str, tools.Rendered], shape: str
+) -> None:
+    """The chart's gateway renders Envoy's own replies (transcoder refusals, unknown paths)
+    as JSON google.rpc.Status bodies exactly as `up`'s gateway does."""
+    from services.platform.gateway import render_envoy_config
+
+    def local_replies(text: str) -> dict[str, Any]:
+        config: dict[str, Any] = yaml.safe_load(text)
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        replies: dict[str, Any] = hcm["typed_config"]["local_reply_config"]
+        return replies
+
+    chart = local_replies(
+        rendered[shape].get("ConfigMap", f"{tools.RELEASE}-gateway")["data"]["envoy.yaml"]
+    )
+    up = local_replies(
+        render_envoy_config(
+            http_host="127.0.0.1",
+            http_port=8080,
+            admin_port=9901,
+            grpc_host="127.0.0.1",
+            grpc_port=50051,
+        )
+    )
+    assert chart == up
+    by_status = {
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m[
+            "body_format_override"
+        ]["json_format"]
+        for m in chart["mappers"]
+        if "status_code_filter" in m["filter"]
+        and m["filter"]["status_code_filter"]["comparison"]["op"] == "EQ"
+    }
+    assert by_status[400] == {"code": 3, "message": "%LOCAL_REPLY_BODY%", "details": []}
+    assert by_status[404]["code"] == 5

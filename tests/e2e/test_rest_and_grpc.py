@@ -98,6 +98,147 @@ def test_rest_track_page_conversion_then_read_metrics(system: RunningSystem) -> 
         assert int(r.json()["dailyActiveUsers"]) == 2  # alice and anon-1
 
 
+def test_rest_seed_read_paths_through_envoy(system: RunningSystem) -> None:
+    """The seed's read paths other than /analytics/metrics, each over REST through Envoy,
+    checked against known events of users, event names and a ticketed event of their own."""
+    write = _bearer(system.credentials["write_key"])
+    read = _bearer(system.credentials["admin_token"])
+    tag = uuid.uuid4().hex[:8]
+    viewed, bought, concert = f"seen_{tag}", f"paid_{tag}", f"concert-{tag}"
+    buyer, browser = f"buyer-{tag}", f"browser-{tag}"
+    now = datetime.now(UTC)
+    with httpx.Client(base_url=system.rest_url, timeout=30) as http:
+        for user in (buyer, browser):
+            r = http.post(
+                "/events/page",
+                headers=write,
+                json={
+                    "eventName": viewed,
+                    "userId": user,
+                    "occurredAt": _iso(now - timedelta(minutes=10)),
+                    "page": {"url": f"https://bilten.example/{concert}"},
+                    "ticketing": {"ticketedEventId": concert},
+                },
+            )
+            assert r.status_code == 200, r.text
+        r = http.post(
+            "/events/conversion",
+            headers=write,
+            json={
+                "eventName": bought,
+                "userId": buyer,
+                "occurredAt": _iso(now - timedelta(minutes=5)),
+                "ticketing": {
+                    "ticketedEventId": concert,
+                    "quantity": 3,
+                    "revenue": {"currencyCode": "EUR", "units": "90"},
+                },
+            },
+        )
+        assert r.status_code == 200, r.text
+
+        r = http.get(f"/analytics/events/{concert}", headers=read, params=_range())
+        assert r.status_code == 200, r.text
+        ticketed = r.json()
+        assert ticketed["ticketedEventId"] == concert
+        assert int(ticketed["viewCount"]) == 2
+        assert int(ticketed["uniqueVisitorCount"]) == 2
+        assert int(ticketed["buyerCount"]) == 1
+        assert int(ticketed["ticketsSold"]) == 3
+        assert ticketed["conversionRate"] == 0.5
+        assert {(m["currencyCode"], m["units"]) for m in ticketed["revenues"]} == {("EUR", "90")}
+
+        r = http.get(f"/analytics/users/{buyer}", headers=read)
+        assert r.status_code == 200, r.text
+        user = r.json()
+        assert user["userId"] == buyer
+        assert int(user["totalSessions"]) == 1
+        assert int(user["pageViewCount"]) == 1
+        assert int(user["ticketsPurchased"]) == 3
+        assert user["totalSpent"][0]["currencyCode"] == "EUR"
+        assert http.get(f"/analytics/users/nobody-{tag}", headers=read).status_code == 404
+
+        r = http.get(
+            "/analytics/funnels",
+            headers=read,
+            params=[("stepEventNames", viewed), ("stepEventNames", bought), *_range().items()],
+        )
+        assert r.status_code == 200, r.text
+        (breakdown,) = r.json()["breakdowns"]
+        steps = [(s["eventName"], int(s["userCount"])) for s in breakdown["steps"]]
+        assert steps == [(viewed, 2), (bought, 1)]
+
+        r = http.get(
+            "/analytics/cohorts",
+            headers=read,
+            params={
+                "cohortEventName": viewed,
+                "returnEventName": bought,
+                "periodCount": "2",
+                **_range(),
+            },
+        )
+        assert r.status_code == 200, r.text
+        cohorts = r.json()["cohorts"]
+        assert sum(int(c["size"]) for c in cohorts) == 2
+        assert sum(int(c["retainedCounts"][0]) for c in cohorts) == 1  # the buyer came back
+
+        r = http.post(
+            "/analytics/queries",
+            headers=read,
+            json={
+                "sql": "SELECT user_id, count(*) AS n FROM events "
+                f"WHERE event_name IN ('{viewed}', '{bought}') GROUP BY user_id ORDER BY user_id"
+            },
+        )
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert [c["name"] for c in answer["columns"]] == ["user_id", "n"]
+        assert [[row[0], int(row[1])] for row in answer["rows"]] == [[browser, 1], [buyer, 2]]
+
+        r = http.post(
+            "/analytics/reports",
+            headers=read,
+            json={
+                "displayName": f"Paid {tag}",
+                "sql": f"SELECT count(*) AS paid FROM events WHERE event_name = '{bought}'",
+                "schedule": "REPORT_SCHEDULE_DAILY",
+            },
+        )
+        assert r.status_code == 200, r.text
+        report_id = r.json()["report"]["reportId"]
+        r = http.get(f"/analytics/reports/{report_id}", headers=read)
+        assert r.status_code == 200, r.text
+        report = r.json()["report"]
+        assert (report["reportId"], report["displayName"]) == (report_id, f"Paid {tag}")
+        assert report["schedule"] == "REPORT_SCHEDULE_DAILY"
+        r = http.get(f"/analytics/reports/{report_id}x", headers=read)
+        assert r.status_code == 404
+        _assert_status_json(r, NOT_FOUND)
+
+
+def test_up_prints_the_dev_credentials(system: RunningSystem) -> None:
+    if system.log_path is None:
+        pytest.skip("external deployment: no `up` output")
+    printed = system.log_path.read_text()
+    for key in ("tenant_id", "write_key", "admin_token"):
+        assert system.credentials[key] in printed, key
+
+
+# google.rpc.Code numbers.
+INVALID_ARGUMENT, NOT_FOUND = 3, 5
+
+
+def _assert_status_json(r: httpx.Response, code: int) -> dict[str, object]:
+    """The body of every HTTP error: a JSON google.rpc.Status, as for the services' errors."""
+    assert r.headers["content-type"].startswith("application/json"), (r.headers, r.text)
+    body = r.json()
+    assert body["code"] == code, body
+    assert isinstance(body["message"], str) and body["message"], body
+    assert isinstance(body["details"], list), body
+    return body  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "reason"),
     [
@@ -111,6 +252,8 @@ def test_rest_track_page_conversion_then_read_metrics(system: RunningSystem) -> 
             400,
             None,
         ),
+        # Not a timestamp.
+        ({"json": {"eventName": "x", "userId": "a", "occurredAt": "yesterday"}}, 400, None),
         # Shape rule: bad event name pattern (field violation, quarantined).
         ({"json": {"eventName": "Bad Name", "userId": "a"}}, 400, "ERROR_REASON_INVALID_REQUEST"),
         # Shape rule: no identity.
@@ -124,11 +267,12 @@ def test_rest_bad_input_gets_precise_4xx_json(
     with httpx.Client(base_url=system.rest_url, timeout=10) as http:
         r = http.post("/events/track", headers=headers, **request_kwargs)  # type: ignore[arg-type]
     assert r.status_code == status, r.text
+    body = _assert_status_json(r, INVALID_ARGUMENT)
     if reason is not None:
-        body = r.json()
-        infos = [d for d in body["details"] if d["@type"].endswith("ErrorInfo")]
+        details: list[dict[str, str]] = body["details"]  # type: ignore[assignment]
+        infos = [d for d in details if d["@type"].endswith("ErrorInfo")]
         assert infos[0]["reason"] == reason
-        violations = [d for d in body["details"] if d["@type"].endswith("BadRequest")]
+        violations = [d for d in details if d["@type"].endswith("BadRequest")]
         assert violations and violations[0]["fieldViolations"][0]["field"].startswith("event")
 
 
@@ -164,14 +308,20 @@ def test_rest_auth_errors(system: RunningSystem) -> None:
 
 
 def test_rest_unknown_paths_and_params_are_4xx(system: RunningSystem) -> None:
+    read = _bearer(system.credentials["admin_token"])
     with httpx.Client(base_url=system.rest_url, timeout=10) as http:
-        assert http.get("/no/such/path").status_code == 404
-        r = http.get(
-            "/analytics/metrics",
-            headers=_bearer(system.credentials["admin_token"]),
-            params={"metrics": "METRIC_KIND_EVENT_COUNT", "bogus": "1", **_range()},
-        )
-        assert r.status_code == 400
+        for path in ("/no/such/path", "/analytics/nothing-here"):
+            r = http.get(path, headers=read)
+            assert r.status_code == 404
+            _assert_status_json(r, NOT_FOUND)
+        for params in (
+            {"metrics": "METRIC_KIND_EVENT_COUNT", "bogus": "1", **_range()},  # unknown param
+            {"metrics": "METRIC_KIND_NOPE", **_range()},  # unknown enum name in the query
+            {"metrics": "METRIC_KIND_EVENT_COUNT", "timeRange.startTime": "soon"},  # timestamp
+        ):
+            r = http.get("/analytics/metrics", headers=read, params=params)
+            assert r.status_code == 400, (params, r.text)
+            _assert_status_json(r, INVALID_ARGUMENT)
 
 
 def test_rest_oversized_batch_is_rejected_whole(system: RunningSystem) -> None:
