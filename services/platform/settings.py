@@ -126,7 +126,11 @@ class PlatformSettings(BaseSettings):
         1, ge=1, le=64, description="Consumer-group members the processor runs (threads)."
     )
     processor_max_batch_events: int = Field(
-        50_000, ge=1, le=1_000_000, description="Largest batch the processor commits at once."
+        122_880,
+        ge=1,
+        le=1_000_000,
+        description="Largest batch the processor commits at once (DuckDB's row group size: "
+        "full row groups skip the WAL).",
     )
     processor_max_batch_seconds: float = Field(
         0.2,
