@@ -40,6 +40,7 @@ from services.ingestion.pipeline import EventLog, IngestionPipeline, PipelineLim
 from services.ingestion.rate_limit import rate_limiter_for
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
+from services.live.alerts import RedisAlertBus, alert_bus_for
 from services.platform.audit import AuditLog
 from services.platform.auth import (
     ORGANIZER_ADMIN_SCOPES,
@@ -103,6 +104,8 @@ class Mesh:
     metric_backend: MetricBackend | None = None
     retention_job: RetentionJob | None = None  # set by start() where it runs
     erasure_applier: ErasureApplier | None = None  # set by start() on a processor host
+    # Prediction alerts across processes when settings.redis_url is set (services/live/alerts.py).
+    alert_bus: RedisAlertBus | None = None
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -191,6 +194,9 @@ class Mesh:
             audit=AuditLog(metadata),
             aggregation=aggregation,
             metric_backend=metric_backend,
+            alert_bus=alert_bus_for(
+                settings.redis_url, aggregation.alerts, settings.redis_password
+            ),
             _closers=[rate_limiter.aclose],  # the Redis connections, if any
         )
 
@@ -249,11 +255,13 @@ class Mesh:
                 PredictionServicer(
                     self.event_store,
                     Path(self.settings.data_dir),
-                    # Anomaly alerts go to StreamAlerts through the aggregation's hub.
+                    # Anomaly alerts go to StreamAlerts through the aggregation's hub, over
+                    # Redis to every process's hub when a Redis URL is set.
                     service=PredictionService(
                         self.event_store,
                         Path(self.settings.data_dir),
-                        sink=self.aggregation.alerts if self.aggregation else None,
+                        sink=self.alert_bus
+                        or (self.aggregation.alerts if self.aggregation else None),
                     ),
                 ),
                 prediction_grpc.add_PredictionServiceServicer_to_server,
@@ -370,6 +378,10 @@ class Mesh:
                 erased = await self._start_erasure_applier()
                 await self.streaming.start_processor(self.event_store, erased)
         await self._start_retention_job(services)
+        if self.alert_bus is not None:
+            if "aggregation" in services:
+                await self.alert_bus.start()  # relays other processes' alerts to StreamAlerts
+            self._closers.append(self.alert_bus.aclose)
         registrations = self.registrations(tuple(name for name in services if name != "processor"))
         for registration in registrations:
             if isinstance(registration.servicer, PredictionServicer):
@@ -377,6 +389,10 @@ class Mesh:
                 # is served, from the start rather than from the first prediction call.
                 registration.servicer.start_background()
                 self._closers.append(registration.servicer.service.aclose)
+                # Streaming detection on the committed batches the live dashboards see
+                # (where the aggregation runtime runs in this process).
+                if self.aggregation is not None:
+                    self.aggregation.add_observer(registration.servicer.service.live)
             elif isinstance(registration.servicer, QueryServicer):
                 # The report scheduler: started with the server, stopped (after the
                 # report it is running) before the stores close.

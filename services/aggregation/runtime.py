@@ -157,6 +157,14 @@ class AggregationRuntime:
         if self._fanout is not None:
             self._fanout.observe_rows(rows)
 
+    def add_observer(self, observer: EventObserver) -> bool:
+        """Feeds `observer` the same durable batches as the live hub (after `start`);
+        False when this process does not run the runtime."""
+        if self._fanout is None:
+            return False
+        self._fanout.add(observer)
+        return True
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self, live_feed: LiveFeed | None = None) -> None:

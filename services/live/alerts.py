@@ -13,20 +13,34 @@ and logged, and publishing never waits. Alerts of a tenant go to that tenant's
 subscribers and to all-tenant subscribers (platform admins); platform alerts
 (`tenant_id` "") only to the latter. Nothing is stored here: the prediction service
 keeps its anomalies for `ListAnomalies`; the stream is live only.
+
+Across processes (the cluster shape, where prediction is its own Deployment and each
+process has its own hub): with `BILTEN_REDIS_URL` set, the mesh gives the prediction
+service a `RedisAlertBus` as its sink; every process serving the aggregation service
+listens on the same Redis channel and relays the alerts into its hub, so StreamAlerts
+subscribers anywhere see them (still scoped by tenant by the hub). Without Redis,
+alerts stay in the process that raised them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from services.live.mailbox import Mailbox, Subscription
+
+# redis-py is imported only where the bus is used (every process imports this module).
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger(__name__)
 
@@ -151,3 +165,190 @@ class AlertsHub:
             for mailbox in list(mailboxes):
                 mailbox.close()
         self._subscribers.clear()
+
+
+# --- the shared bus (cluster shape) ------------------------------------------------------
+
+CHANNEL = "bilten:alerts:v1"
+# Publishing is on the detection path: a slow Redis counts as a down one.
+REDIS_TIMEOUT_SECONDS = 1.0
+RETRY_LISTEN_AFTER_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WireAlert:
+    """An alert as it crosses Redis (an `AlertLike` again on the other side)."""
+
+    alert_id: str
+    tenant_id: str
+    metric_name: str
+    severity: str
+    observed: float
+    expected_lower: float
+    expected_upper: float
+    time: datetime
+    message: str
+    source: str = ""
+    rule_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "v": 1,
+                "alert_id": self.alert_id,
+                "tenant_id": self.tenant_id,
+                "metric_name": self.metric_name,
+                "severity": self.severity,
+                # JSON has no infinity: an open bound travels as null.
+                "observed": self.observed,
+                "expected_lower": self.expected_lower
+                if math.isfinite(self.expected_lower)
+                else None,
+                "expected_upper": self.expected_upper
+                if math.isfinite(self.expected_upper)
+                else None,
+                "time": self.time.isoformat(),
+                "message": self.message,
+                "source": self.source,
+                "rule_id": self.rule_id,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WireAlert:
+        body = json.loads(raw)
+        lower, upper = body["expected_lower"], body["expected_upper"]
+        return cls(
+            alert_id=str(body["alert_id"]),
+            tenant_id=str(body["tenant_id"]),
+            metric_name=str(body["metric_name"]),
+            severity=str(body["severity"]),
+            observed=float(body["observed"]),
+            expected_lower=-math.inf if lower is None else float(lower),
+            expected_upper=math.inf if upper is None else float(upper),
+            time=datetime.fromisoformat(body["time"]),
+            message=str(body["message"]),
+            source=str(body.get("source", "")),
+            rule_id=str(body.get("rule_id", "")),
+        )
+
+    @classmethod
+    def of(cls, alert: AlertLike) -> WireAlert:
+        return cls(
+            alert_id=alert.alert_id,
+            tenant_id=alert.tenant_id,
+            metric_name=alert.metric_name,
+            severity=str(_severity(alert.severity)),
+            observed=float(alert.observed),
+            expected_lower=float(alert.expected_lower),
+            expected_upper=float(alert.expected_upper),
+            time=alert.time,
+            message=_message(alert),
+            source=str(getattr(alert, "source", "") or ""),
+            rule_id=str(getattr(alert, "rule_id", "") or ""),
+        )
+
+
+class RedisAlertBus:
+    """The `AlertSink` of the cluster shape: alerts cross processes over Redis pub/sub.
+
+    `publish` sends the alert on one channel (`CHANNEL`); `start` (in a process whose
+    `AlertsHub` has StreamAlerts subscribers, the aggregation service) listens on it and
+    hands every alert to that hub, which keeps scoping them by tenant. A process that
+    both publishes and listens gets its own alerts back through Redis, once.
+
+    Pub/sub is at most once: an alert published while no listener is connected (Redis
+    down, a listener reconnecting) is not delivered live. Nothing is lost for good: the
+    prediction service stored it for `ListAnomalies` before publishing. When Redis
+    refuses a publish, the alert goes to the local hub (if any) and a warning is logged.
+    """
+
+    def __init__(self, client: Redis, hub: AlertsHub | None, channel: str = CHANNEL) -> None:
+        from redis.exceptions import RedisError
+
+        self._client = client
+        self._hub = hub
+        self._channel = channel
+        self._failures: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self.received = 0
+
+    @classmethod
+    def from_url(
+        cls, url: str, hub: AlertsHub | None, *, password: str = "", channel: str = CHANNEL
+    ) -> RedisAlertBus:
+        from redis.asyncio import Redis
+
+        # No socket timeout: the listener's connection waits for messages indefinitely;
+        # publishes are bounded by `REDIS_TIMEOUT_SECONDS` instead.
+        client = Redis.from_url(
+            url,
+            password=password or None,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            health_check_interval=30,
+        )
+        return cls(client, hub, channel)
+
+    async def publish(self, alert: AlertLike) -> None:
+        payload = WireAlert.of(alert).to_json()
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                await self._client.publish(self._channel, payload)
+        except self._failures as exc:
+            log.warning(
+                "alert_bus_publish_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                fallback="this process's alert hub" if self._hub else "none",
+            )
+            if self._hub is not None:
+                await self._hub.publish(alert)
+
+    async def start(self) -> None:
+        """Starts relaying the channel into the hub; returns once subscribed."""
+        if self._hub is None or self._listener is not None:
+            return
+        self._listener = asyncio.ensure_future(self._listen(self._hub))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS * 5):
+                await self._subscribed.wait()
+
+    async def _listen(self, hub: AlertsHub) -> None:
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        alert = WireAlert.from_json(message["data"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.warning("alert_bus_bad_message", error=str(exc))
+                        continue
+                    self.received += 1
+                    await hub.publish(alert)
+            except self._failures as exc:
+                log.warning(
+                    "alert_bus_listen_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_seconds=RETRY_LISTEN_AFTER_SECONDS,
+                )
+                await asyncio.sleep(RETRY_LISTEN_AFTER_SECONDS)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+            self._listener = None
+        await self._client.aclose()
+
+
+def alert_bus_for(url: str, hub: AlertsHub | None, password: str = "") -> RedisAlertBus | None:
+    """The Redis bus when `url` (the `redis_url` setting) is set; None: in process."""
+    return RedisAlertBus.from_url(url, hub, password=password) if url else None

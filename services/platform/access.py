@@ -81,10 +81,19 @@ REQUIRED_SCOPES: dict[str, str] = {
     },
     **{
         _PREDICTION + m: Scope.PREDICTIONS_READ
-        for m in ("PredictChurn", "Forecast", "ListAnomalies", "GetModel", "ListModels")
+        for m in (
+            "PredictChurn",
+            "Forecast",
+            "ListAnomalies",
+            "GetModel",
+            "ListModels",
+            "ListThresholdRules",
+        )
     },
-    _PREDICTION + "TrainModel": Scope.MODELS_MANAGE,
-    _PREDICTION + "PromoteModel": Scope.MODELS_MANAGE,
+    **{
+        _PREDICTION + m: Scope.MODELS_MANAGE
+        for m in ("TrainModel", "PromoteModel", "CreateThresholdRule", "DeleteThresholdRule")
+    },
 }
 
 PUBLIC_METHOD_PREFIXES = (

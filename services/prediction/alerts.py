@@ -14,6 +14,11 @@
   weeks the first time, without alerting on that history), checks the tenant's
   threshold rules, then stores and publishes the alerts. `observe` takes a value from
   any other live source (a stream processor) through the same path.
+- `LiveAnomalyCheck`: the same detectors on live data. Fed the committed event batches
+  (the mesh adds it next to the live dashboards' observers), it keeps running totals of
+  the open hour and checks them against the hour's expected range every few seconds
+  (`AnomalyMonitor.check_open_hour`), so a spike alerts as it happens rather than when
+  the hourly job closes the hour.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import structlog
 
+from services.events.model import TrackedEvent
+from services.platform.errors import FieldViolation, invalid_request
 from services.prediction.anomaly import DetectorConfig, SeasonalDetector, Severity
 from services.prediction.registry import invalid_page_token
 from services.storage.event_store import TABLE, EventStore
@@ -131,6 +139,40 @@ class ThresholdRule:
             source="threshold",
             rule_id=self.rule_id,
         )
+
+
+def new_rule(
+    rules: AlertStore,
+    tenant_id: str,
+    metric_name: str,
+    lower: float | None,
+    upper: float | None,
+    severity: Severity = Severity.WARNING,
+    rule_id: str = "",
+) -> ThresholdRule:
+    """A checked rule for `AlertStore.put_rule` (the CLI and `CreateThresholdRule`):
+    a known metric, at least one finite bound, lower not above upper, and an id no other
+    tenant uses (ids are global keys). No id: a new one."""
+    problems: list[FieldViolation] = []
+    if metric_name not in METRICS:
+        problems.append(
+            FieldViolation("rule.metric_name", f"unknown metric; one of {', '.join(METRICS)}")
+        )
+    if lower is None and upper is None:
+        problems.append(FieldViolation("rule", "a rule needs a lower or an upper bound"))
+    for name, value in (("lower", lower), ("upper", upper)):
+        if value is not None and not np.isfinite(value):
+            problems.append(FieldViolation(f"rule.{name}", "must be a finite number"))
+    if lower is not None and upper is not None and lower > upper:
+        problems.append(FieldViolation("rule.lower", f"lower {lower:g} is above upper {upper:g}"))
+    own = {r.rule_id for r in rules.rules(tenant_id)}
+    if rule_id and rule_id not in own and rules.rule_exists(rule_id):
+        problems.append(FieldViolation("rule.rule_id", f"rule id {rule_id!r} is taken"))
+    if problems:
+        raise invalid_request(problems)
+    return ThresholdRule(
+        rule_id or f"rule-{uuid.uuid4().hex[:12]}", tenant_id, metric_name, lower, upper, severity
+    )
 
 
 class AlertSink(Protocol):
@@ -262,6 +304,14 @@ class AlertStore:
                 ],
             )
 
+    def rule_exists(self, rule_id: str) -> bool:
+        """Whether any tenant has a rule with this id (ids are global keys)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM alert_rules WHERE rule_id = ?", [rule_id]
+            ).fetchone()
+        return row is not None
+
     def delete_rule(self, tenant_id: str, rule_id: str) -> bool:
         with self._lock:
             cursor = self._conn.execute(
@@ -340,6 +390,12 @@ class AnomalyMonitor:
     sink: AlertSink
     config_for: Callable[[str], DetectorConfig] = field(default=lambda _tenant: DetectorConfig())
     _state: dict[str, _TenantState] = field(default_factory=dict)
+    # (tenant, metric, hour, rule_id) already alerted by a live check of the open hour:
+    # the hour's close does not alert on them again.
+    _live_raised: set[tuple[str, str, datetime, str]] = field(default_factory=set)
+    # The hourly job and the live checks run in worker threads; detectors are not
+    # thread-safe.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def tenants(self, since: datetime) -> list[str]:
         table = self.store.read(
@@ -363,6 +419,10 @@ class AnomalyMonitor:
 
     def step(self, tenant_id: str, now: datetime) -> list[Alert]:
         """Observes every closed hour since the last step; returns the alerts raised."""
+        with self._lock:
+            return self._step(tenant_id, now)
+
+    def _step(self, tenant_id: str, now: datetime) -> list[Alert]:
         now_hour = floor_hour(now)
         state = self._state_for(tenant_id, now_hour)
         if state.watermark >= now_hour:
@@ -377,7 +437,71 @@ class AnomalyMonitor:
                     tenant_id, state, name, when, float(values[name][offset]), rules
                 )
         state.watermark = now_hour
+        # Hours now closed cannot be checked live any more.
+        self._live_raised = {
+            key for key in self._live_raised if key[0] != tenant_id or key[2] >= now_hour
+        }
         return raised
+
+    def check_open_hour(
+        self, tenant_id: str, hour: datetime, values: dict[str, float]
+    ) -> list[Alert]:
+        """The live check: running totals of the open `hour` so far, against the expected
+        range the tenant's detector has for that hour (its phase of the day or week).
+
+        Closes the hours before `hour` first (so the detector is positioned on it). A
+        running total only grows during the hour, so only a breach of an upper bound is
+        certain before the hour ends: a detector's upper bound, or a threshold rule's.
+        Each breach alerts once per hour (`source` "live"); drops and lower bounds are
+        left to the hour's close (`step`)."""
+        with self._lock:
+            raised = self._step(tenant_id, hour)
+            state = self._state[tenant_id]
+            if state.watermark != hour:
+                return raised  # an hour already closed: `step` has judged it
+            rules = self.alerts.rules(tenant_id)
+            for metric, value in values.items():
+                detector = state.detectors.get(metric)
+                if detector is None:
+                    continue
+                detection = detector.assess(value)
+                key = (tenant_id, metric, hour, "")
+                if (
+                    detection.anomalous
+                    and detection.severity is not None
+                    and value > detection.upper
+                    and key not in self._live_raised
+                ):
+                    self._live_raised.add(key)
+                    raised.append(
+                        Alert(
+                            alert_id=uuid.uuid4().hex,
+                            tenant_id=tenant_id,
+                            metric_name=metric,
+                            time=hour,
+                            observed=value,
+                            expected=detection.expected,
+                            expected_lower=detection.lower,
+                            expected_upper=detection.upper,
+                            score=detection.score,
+                            severity=detection.severity,
+                            source="live",
+                        )
+                    )
+                for rule in rules:
+                    key = (tenant_id, metric, hour, rule.rule_id)
+                    if (
+                        rule.metric_name != metric
+                        or rule.upper is None
+                        or value <= rule.upper
+                        or key in self._live_raised
+                    ):
+                        continue
+                    alert = rule.check(hour, value, detection.expected)
+                    if alert is not None:
+                        self._live_raised.add(key)
+                        raised.append(alert)
+            return raised
 
     def _observe(
         self,
@@ -391,7 +515,8 @@ class AnomalyMonitor:
         detector = state.detectors.setdefault(metric, SeasonalDetector(state.config))
         detection = detector.observe(value)
         out: list[Alert] = []
-        if detection.anomalous and detection.severity is not None:
+        live = (tenant_id, metric, when, "") in self._live_raised
+        if detection.anomalous and detection.severity is not None and not live:
             out.append(
                 Alert(
                     alert_id=uuid.uuid4().hex,
@@ -408,7 +533,9 @@ class AnomalyMonitor:
                 )
             )
         for rule in rules:
-            if rule.metric_name == metric:
+            if rule.metric_name == metric and (
+                (tenant_id, metric, when, rule.rule_id) not in self._live_raised
+            ):
                 alert = rule.check(when, value, detection.expected)
                 if alert is not None:
                     out.append(alert)
@@ -416,8 +543,10 @@ class AnomalyMonitor:
 
     def observe(self, tenant_id: str, metric: str, when: datetime, value: float) -> list[Alert]:
         """One value from another live source; the caller stores/publishes via `emit`."""
-        state = self._state_for(tenant_id, floor_hour(when) + HOUR)
-        return self._observe(tenant_id, state, metric, when, value, self.alerts.rules(tenant_id))
+        with self._lock:
+            state = self._state_for(tenant_id, floor_hour(when) + HOUR)
+            rules = self.alerts.rules(tenant_id)
+            return self._observe(tenant_id, state, metric, when, value, rules)
 
     async def emit(self, alerts: list[Alert]) -> None:
         if not alerts:
@@ -450,3 +579,111 @@ class AnomalyMonitor:
             except Exception:
                 # One bad pass (a store hiccup) must not end live detection.
                 log.exception("anomaly_monitor_failed")
+
+
+@dataclass
+class _OpenHour:
+    hour: datetime
+    totals: dict[str, float]
+    actors: set[str]
+
+
+class LiveAnomalyCheck:
+    """Streaming detection on live metrics: an `EventObserver`
+    (services/live/observers.py) fed the committed batches, like the live dashboards.
+
+    Each batch adds to its tenant's running totals of the open UTC hour (`METRICS`, by
+    the events' `occurred_at`; events of other hours are left to the hourly job).
+    `check` (every `interval` seconds from `run_forever`, or called directly) hands the
+    totals of tenants that received events to `AnomalyMonitor.check_open_hour`, which
+    compares them with the detector's expected range for that hour, and stores and
+    publishes what it raises. A spike is so reported within seconds, not at the hour's
+    close. Totals start when the process does: in its first hour they undercount,
+    which can only delay an alert to the hour's close.
+    """
+
+    def __init__(
+        self, monitor: AnomalyMonitor, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._monitor = monitor
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, _OpenHour] = {}
+        self._dirty: set[str] = set()
+
+    # --- EventObserver: called from producer threads; only notes the batch ---------------
+
+    def observe_events(self, events: Sequence[TrackedEvent]) -> None:
+        for event in events:
+            actor = f"u:{event.user_id}" if event.user_id else f"a:{event.anonymous_id}"
+            conversion = event.event_type == "conversion"
+            self._note(
+                event.tenant_id,
+                event.occurred_at,
+                1.0 if conversion else 0.0,
+                float(event.quantity or 0) if conversion else 0.0,
+                actor,
+            )
+
+    def observe_rows(self, rows: pa.Table) -> None:
+        columns = ("tenant_id", "occurred_at", "event_type", "quantity", "user_id", "anonymous_id")
+        data = {name: rows.column(name).to_pylist() for name in columns}
+        for tenant_id, at, kind, quantity, user, anonymous in zip(
+            *(data[name] for name in columns), strict=True
+        ):
+            conversion = kind == "conversion"
+            self._note(
+                str(tenant_id),
+                at,
+                1.0 if conversion else 0.0,
+                float(quantity or 0) if conversion else 0.0,
+                f"u:{user}" if user else f"a:{anonymous}",
+            )
+
+    def _note(
+        self, tenant_id: str, at: datetime, conversion: float, tickets: float, actor: str
+    ) -> None:
+        hour = floor_hour(at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC))
+        with self._lock:
+            current = self._open.get(tenant_id)
+            if current is None or hour > current.hour:
+                current = _OpenHour(hour, dict.fromkeys(METRICS, 0.0), set())
+                self._open[tenant_id] = current
+            elif hour < current.hour:
+                return
+            current.totals["event_count"] += 1
+            current.totals["conversions"] += conversion
+            current.totals["tickets_sold"] += tickets
+            current.actors.add(actor)
+            current.totals["active_users"] = float(len(current.actors))
+            self._dirty.add(tenant_id)
+
+    # --- the check, on the event loop -------------------------------------------------------
+
+    async def check(self, now: datetime | None = None) -> list[Alert]:
+        """Checks the open hour of every tenant that received events since the last check."""
+        hour = floor_hour(now or self._clock())
+        with self._lock:
+            due = [
+                (tenant_id, dict(self._open[tenant_id].totals))
+                for tenant_id in sorted(self._dirty)
+                if self._open[tenant_id].hour == hour
+            ]
+            self._dirty.clear()
+            # Hours that closed go: the hourly job reads them from the store.
+            self._open = {t: o for t, o in self._open.items() if o.hour >= hour}
+        raised: list[Alert] = []
+        for tenant_id, totals in due:
+            raised += await asyncio.to_thread(
+                self._monitor.check_open_hour, tenant_id, hour, totals
+            )
+        await self._monitor.emit(raised)
+        return raised
+
+    async def run_forever(self, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("live_anomaly_check_failed")

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.prediction import drift
-from services.prediction.errors import insufficient_data
+from services.prediction.errors import feature_schema_mismatch, insufficient_data
 from services.prediction.features import (
     CHURN_HORIZON_DAYS,
     FEATURE_NAMES,
@@ -358,7 +358,7 @@ class ScoredSnapshot:
     @classmethod
     def score(cls, model: ChurnModel, frame: FeatureFrame, built_at: datetime) -> ScoredSnapshot:
         if frame.feature_names != model.feature_names:
-            raise ValueError("snapshot features differ from the model's feature schema")
+            raise feature_schema_mismatch(model.feature_names, frame.feature_names)
         probabilities = model.probabilities(frame.matrix)
         contributions = model.contributions(frame.matrix)[:, :-1]  # drop the bias column
         k = min(TOP_FEATURES, contributions.shape[1])

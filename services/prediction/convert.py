@@ -8,7 +8,8 @@ from bilten.analytics.prediction.v1 import prediction_service_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from services.platform.auth import Principal
-from services.prediction.alerts import Alert
+from services.prediction.alerts import Alert, ThresholdRule
+from services.prediction.anomaly import Severity
 from services.prediction.churn import ScoredUser
 from services.prediction.demand import ForecastPoint, Target
 from services.prediction.registry import PLATFORM, ModelKind, ModelRecord, ModelState
@@ -25,6 +26,15 @@ _STATES = {
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.PROMOTED: pb.MODEL_STATE_PROMOTED,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}
+SEVERITIES = {
+    pb.ALERT_SEVERITY_UNSPECIFIED: Severity.WARNING,
+    pb.ALERT_SEVERITY_WARNING: Severity.WARNING,
+    pb.ALERT_SEVERITY_CRITICAL: Severity.CRITICAL,
+}
+_SEVERITY_PROTOS = {
+    Severity.WARNING: pb.ALERT_SEVERITY_WARNING,
+    Severity.CRITICAL: pb.ALERT_SEVERITY_CRITICAL,
 }
 TARGETS = {pb.FORECAST_TARGET_TICKETS: Target.TICKETS, pb.FORECAST_TARGET_REVENUE: Target.REVENUE}
 
@@ -91,3 +101,16 @@ def anomaly(alert: Alert) -> pb.Anomaly:
         expected_upper=alert.expected_upper,
         score=alert.score,
     )
+
+
+def threshold_rule(rule: ThresholdRule) -> pb.ThresholdRule:
+    out = pb.ThresholdRule(
+        rule_id=rule.rule_id,
+        metric_name=rule.metric_name,
+        severity=_SEVERITY_PROTOS[rule.severity],
+    )
+    if rule.lower is not None:
+        out.lower = rule.lower
+    if rule.upper is not None:
+        out.upper = rule.upper
+    return out

@@ -43,3 +43,26 @@ def unknown_users(user_ids: list[str], positions: list[int], as_of: str) -> Anal
         field_violations=violations,
         metadata={"unknown_user_count": str(len(positions))},
     )
+
+
+def feature_schema_mismatch(model: tuple[str, ...], serving: tuple[str, ...]) -> AnalyticsError:
+    """The promoted model was trained on other features than serving computes (a model
+    saved by an older build, say): it cannot score until a version is trained again."""
+    missing = [f for f in model if f not in serving]
+    extra = [f for f in serving if f not in model]
+    detail = ", ".join(
+        part
+        for part in (
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {extra[:5]}" if extra else "",
+            "same features in another order" if not missing and not extra else "",
+        )
+        if part
+    )
+    return AnalyticsError(
+        StatusCode.FAILED_PRECONDITION,
+        "INVALID_REQUEST",
+        f"the promoted churn model's feature schema differs from the serving features "
+        f"({detail}): train a new version with TrainModel and promote it",
+        metadata={"model_features": str(len(model)), "serving_features": str(len(serving))},
+    )

@@ -3,10 +3,16 @@
     python -m services.prediction.jobs --data-dir .bilten train churn --tenant TENANT
     python -m services.prediction.jobs --data-dir .bilten schedule   # every kind, every tenant
     python -m services.prediction.jobs --data-dir .bilten list --tenant TENANT
+    python -m services.prediction.jobs --data-dir .bilten rules add --tenant TENANT \
+        --metric tickets_sold --lower 5 --upper 500 [--severity critical] [--rule-id ID]
+    python -m services.prediction.jobs --data-dir .bilten rules list --tenant TENANT
+    python -m services.prediction.jobs --data-dir .bilten rules delete --tenant TENANT ID
 
-DuckDB lets one process open the event store, so run this while the server is stopped;
-a running server trains through `TrainModel` and its own schedule
-(`BILTEN_PREDICTION_RETRAIN_INTERVAL_HOURS`) instead.
+DuckDB lets one process open the event store, so run training while the server is
+stopped; a running server trains through `TrainModel` and its own schedule
+(`BILTEN_PREDICTION_RETRAIN_INTERVAL_HOURS`) instead. `rules` touches only the
+prediction SQLite file, so it works next to a running server: the anomaly monitor reads
+a tenant's threshold rules at every check (hourly values of `alerts.METRICS`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import threading
 import time
 from pathlib import Path
 
+from services.platform.errors import AnalyticsError
+from services.prediction.alerts import METRICS, AlertStore, ThresholdRule, new_rule
+from services.prediction.anomaly import Severity
 from services.prediction.registry import ModelKind, ModelRecord, ModelState
-from services.prediction.service import PredictionService, PredictionSettings
+from services.prediction.service import REGISTRY_FILE, PredictionService, PredictionSettings
 from services.storage.event_store import DuckDBEventStore
 
 
@@ -65,7 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("schedule", help="one run of the retraining schedule")
     listing = sub.add_parser("list", help="model versions of a tenant")
     listing.add_argument("--tenant", required=True)
+    rules = sub.add_parser("rules", help="user-defined threshold rules of a tenant")
+    rule_sub = rules.add_subparsers(dest="action", required=True)
+    add = rule_sub.add_parser("add", help="add or replace a rule")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--metric", required=True, choices=METRICS)
+    add.add_argument("--lower", type=float, default=None)
+    add.add_argument("--upper", type=float, default=None)
+    add.add_argument("--severity", choices=[s.value for s in Severity], default="warning")
+    add.add_argument("--rule-id", default="", help="default: a new id")
+    rule_list = rule_sub.add_parser("list", help="the tenant's rules")
+    rule_list.add_argument("--tenant", required=True)
+    delete = rule_sub.add_parser("delete", help="remove a rule")
+    delete.add_argument("--tenant", required=True)
+    delete.add_argument("rule_id")
     args = parser.parse_args(argv)
+    if args.command == "rules":
+        return _rules(args)
 
     store = DuckDBEventStore(args.data_dir / "events.duckdb")
     settings = PredictionSettings(  # no background loops in a one-shot job
@@ -100,6 +125,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         asyncio.run(service.aclose())
+        store.close()
+
+
+def _show(rule: ThresholdRule) -> str:
+    def bound(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    return (
+        f"{rule.rule_id} {rule.metric_name} lower={bound(rule.lower)} "
+        f"upper={bound(rule.upper)} {rule.severity.value}"
+    )
+
+
+def _rules(args: argparse.Namespace) -> int:
+    store = AlertStore(args.data_dir / REGISTRY_FILE)
+    try:
+        if args.action == "add":
+            rule = new_rule(
+                store,
+                args.tenant,
+                args.metric,
+                args.lower,
+                args.upper,
+                Severity(args.severity),
+                args.rule_id,
+            )
+            store.put_rule(rule)
+            print(_show(rule))
+        elif args.action == "list":
+            for rule in store.rules(args.tenant):
+                print(_show(rule))
+        elif not store.delete_rule(args.tenant, args.rule_id):
+            print(f"error: no rule {args.rule_id!r} in tenant {args.tenant!r}", file=sys.stderr)
+            return 1
+        return 0
+    except AnalyticsError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    finally:
         store.close()
 
 

@@ -187,6 +187,15 @@ class ModelRegistry:
                 ],
             )
 
+    def note(self, model_id: str, stage: str) -> None:
+        """Records why a trained version is not serving (its `stage`, shown by GetModel)."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE models SET stage = ?, updated_at = ? "
+                "WHERE model_id = ? AND state = 'ready'",
+                [stage[:500], _text(datetime.now(UTC)), model_id],
+            )
+
     def fail(self, model_id: str, message: str) -> None:
         with self._lock:
             self._conn.execute(

@@ -42,14 +42,29 @@ from services.prediction.alerts import (
     AlertSink,
     AlertStore,
     AnomalyMonitor,
+    LiveAnomalyCheck,
+    ThresholdRule,
     floor_hour,
     hourly_metrics,
+    new_rule,
 )
+from services.prediction.anomaly import Severity
 from services.prediction.churn import ChurnModel, ScoredSnapshot, ScoredUser, data_end, train_churn
 from services.prediction.errors import insufficient_data, no_serving_model, unknown_users
-from services.prediction.features import CHURN_HORIZON_DAYS, build_features, data_span
+from services.prediction.features import (
+    CHURN_HORIZON_DAYS,
+    FeatureFrame,
+    build_features,
+    data_span,
+)
 from services.prediction.forecasting import Method
-from services.prediction.registry import PLATFORM, ModelKind, ModelRecord, ModelRegistry
+from services.prediction.registry import (
+    PLATFORM,
+    ModelKind,
+    ModelRecord,
+    ModelRegistry,
+    ModelState,
+)
 from services.storage.event_store import TABLE, EventStore
 
 log = structlog.get_logger(__name__)
@@ -57,6 +72,17 @@ log = structlog.get_logger(__name__)
 REGISTRY_FILE = "prediction.sqlite3"
 MODELS_DIR = "models"
 ANOMALY_CANDIDATE_THRESHOLDS = (3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+# PredictChurn for at most this many users scores them on demand while no snapshot of
+# the promoted version exists yet (the snapshot is built in the background meanwhile).
+ON_DEMAND_MAX_USERS = 100
+# The held-out metric the promotion policy compares, and whether higher is better; the
+# baseline's value is stored as `baseline_<name>` (`baseline_recency_<name>` for churn).
+PROMOTION_METRIC: dict[ModelKind, tuple[str, bool]] = {
+    ModelKind.CHURN: ("roc_auc", True),
+    ModelKind.DEMAND_FORECAST: ("mase", False),
+    ModelKind.REVENUE_FORECAST: ("mase", False),
+    ModelKind.ANOMALY: ("f1", True),
+}
 
 
 class PredictionSettings(BaseSettings):
@@ -76,6 +102,12 @@ class PredictionSettings(BaseSettings):
     snapshot_ttl_seconds: float = Field(
         900.0, gt=0, description="Age after which churn scores are recomputed."
     )
+    live_check_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How often live event totals of the open hour are checked for "
+        "anomalies (streaming detection); 0 disables.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +115,10 @@ class ForecastResult:
     model_id: str
     points: list[demand.ForecastPoint]
     currency: str
+
+
+def _better(value: float, other: float, higher_is_better: bool) -> bool:
+    return value > other if higher_is_better else value < other
 
 
 def _kind_label(kind: ModelKind) -> str:
@@ -107,12 +143,15 @@ class PredictionService:
         self.alerts = AlertStore(data_dir / REGISTRY_FILE)
         self.bus = AlertBus()
         self.monitor = AnomalyMonitor(store, self.alerts, sink or self.bus, self._detector_config)
+        # Streaming detection: the mesh feeds it the committed event batches.
+        self.live = LiveAnomalyCheck(self.monitor)
         self._today = today or (lambda: datetime.now(UTC).date())
         self._training = threading.Lock()  # one job at a time: two cores
         self._snapshots: dict[str, ScoredSnapshot] = {}
         self._snapshot_models: dict[str, str] = {}
         self._snapshot_lock = threading.Lock()
         self._refreshing: set[str] = set()
+        self._build_locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ChurnModel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -122,6 +161,8 @@ class PredictionService:
         """Starts the anomaly monitor and the retraining schedule on the running loop."""
         if self.settings.anomaly_interval_seconds > 0:
             self._spawn(self.monitor.run_forever(self.settings.anomaly_interval_seconds))
+        if self.settings.live_check_seconds > 0:
+            self._spawn(self.live.run_forever(self.settings.live_check_seconds))
         if self.settings.retrain_interval_hours > 0:
             self._spawn(self._schedule())
 
@@ -166,7 +207,7 @@ class PredictionService:
                         reason=error.message,
                     )
                     continue
-                done.append(await self.train(tenant_id, kind))
+                done.append(await self.train(tenant_id, kind, scheduled=True))
         return done
 
     def _tenants_with_events(self) -> list[str]:
@@ -209,14 +250,15 @@ class PredictionService:
                     f"has {len(series.values)}"
                 )
         else:
-            hours = self._hourly_history(tenant_id)
+            hours, _ = self._hourly_history(tenant_id)
             if len(hours) < 21 * 24 or not np.any(hours):
                 raise insufficient_data(
                     f"anomaly calibration needs 21+ days of hourly activity; the tenant has "
                     f"{len(hours) / 24:.1f}"
                 )
 
-    def _hourly_history(self, tenant_id: str, days: int = 56) -> np.ndarray:
+    def _hourly_history(self, tenant_id: str, days: int = 56) -> tuple[np.ndarray, datetime]:
+        """Hourly event counts up to the last closed hour of the data, and that end."""
         where = "" if tenant_id == PLATFORM else "WHERE tenant_id = $tenant"
         params = {} if tenant_id == PLATFORM else {"tenant": tenant_id}
         row = self.store.read(
@@ -224,10 +266,10 @@ class PredictionService:
             params,
         ).to_pylist()[0]
         if row["last"] is None:
-            return np.zeros(0)
+            return np.zeros(0), datetime.now(UTC)
         end = floor_hour(row["last"])
         start = max(floor_hour(row["first"]), end - timedelta(days=days))
-        return hourly_metrics(self.store, tenant_id, start, end)["event_count"]
+        return hourly_metrics(self.store, tenant_id, start, end)["event_count"], end
 
     def start_training(self, tenant_id: str, kind: ModelKind) -> ModelRecord:
         """Creates the version (TRAINING) and runs the job in the background."""
@@ -236,15 +278,18 @@ class PredictionService:
         self._spawn(asyncio.to_thread(self._run_job, record))
         return record
 
-    async def train(self, tenant_id: str, kind: ModelKind) -> ModelRecord:
-        """Trains to completion (scheduled jobs, CLI, tests); returns the final record."""
+    async def train(
+        self, tenant_id: str, kind: ModelKind, *, scheduled: bool = False
+    ) -> ModelRecord:
+        """Trains to completion (scheduled jobs, CLI, tests); returns the final record.
+        `scheduled`: the promotion policy of scheduled versions applies (`_auto_promote`)."""
         record = self.registry.create(tenant_id, kind, datetime.now(UTC))
-        await asyncio.to_thread(self._run_job, record)
+        await asyncio.to_thread(self._run_job, record, scheduled)
         final = self.registry.get(tenant_id, record.model_id)
         assert final is not None
         return final
 
-    def _run_job(self, record: ModelRecord) -> None:
+    def _run_job(self, record: ModelRecord, scheduled: bool = False) -> None:
         def progress(fraction: float, stage: str) -> None:
             self.registry.report_progress(record.model_id, fraction, stage)
             log.info(
@@ -270,7 +315,7 @@ class PredictionService:
                 self.registry.fail(record.model_id, f"{type(error).__name__}: {error}")
                 log.exception("training_failed", model_id=record.model_id)
                 return
-        self._auto_promote(record)
+        self._auto_promote(record, scheduled)
 
     def _train_churn(self, record: ModelRecord, progress: Callable[[float, str], None]) -> None:
         result = train_churn(self.store, record.tenant_id, progress=progress)
@@ -311,82 +356,71 @@ class PredictionService:
 
     def _train_anomaly(self, record: ModelRecord, progress: Callable[[float, str], None]) -> None:
         progress(0.1, "reading hourly history")
-        history = self._hourly_history(record.tenant_id)
+        history, end = self._hourly_history(record.tenant_id)
         if len(history) < 21 * 24:
             raise insufficient_data("anomaly calibration needs 21+ days of hourly activity")
-        period = anomaly.estimate_period(history, (24, 168))
-        warm = 7 * 24
-        rng = np.random.default_rng(7)
-        # Semi-synthetic labels: the tenant's own series with anomalies injected at
-        # known places (real labels do not exist for a fresh tenant).
-        trials = [anomaly.inject_anomalies(history, rng, 8, start=warm) for _ in range(3)]
-        best: tuple[float, float, dict[str, float]] | None = None
-        for i, threshold in enumerate(ANOMALY_CANDIDATE_THRESHOLDS):
-            progress(
-                0.2 + 0.7 * i / len(ANOMALY_CANDIDATE_THRESHOLDS), f"scoring threshold {threshold}"
-            )
-            config = anomaly.DetectorConfig(
-                period=24, seasons=4 if period == 24 else 2, threshold=threshold
-            )
-            scores = [
-                anomaly.evaluate(anomaly.detect(t.series, config), t.ranges, skip=warm)
-                for t in trials
-            ]
-            f1 = float(np.mean([s.f1 for s in scores]))
-            if best is None or f1 > best[0]:
-                best = (
-                    f1,
-                    threshold,
-                    {
-                        "precision": float(np.mean([s.precision for s in scores])),
-                        "recall": float(np.mean([s.recall for s in scores])),
-                        "f1": f1,
-                        "mean_delay_hours": float(np.nanmean([s.mean_delay for s in scores]))
-                        if any(s.detected for s in scores)
-                        else float("nan"),
-                    },
-                )
-        assert best is not None
-        baseline = [
-            anomaly.evaluate(anomaly.detect_baseline(t.series), t.ranges, skip=warm) for t in trials
-        ]
-        metrics = {
-            **best[2],
-            "baseline_precision": float(np.mean([s.precision for s in baseline])),
-            "baseline_recall": float(np.mean([s.recall for s in baseline])),
-            "baseline_f1": float(np.mean([s.f1 for s in baseline])),
-            "period_hours": float(period),
-            "threshold": best[1],
-        }
-        config = anomaly.DetectorConfig(
-            period=24, seasons=4 if period == 24 else 2, threshold=best[1]
-        )
-        end = floor_hour(datetime.now(UTC))
+        config, metrics = anomaly.calibrate(history, ANOMALY_CANDIDATE_THRESHOLDS, progress)
         self.registry.complete(
             record.model_id,
             metrics=metrics,
             feature_names=("hourly_event_count",),
             config=dict(config.to_json()),
+            # The window of the data read, not of the clock: the data may be older.
             training_start=end - timedelta(hours=len(history)),
             training_end=end,
         )
 
-    def _auto_promote(self, record: ModelRecord) -> None:
+    def _auto_promote(self, record: ModelRecord, scheduled: bool = False) -> None:
+        """The promotion policy.
+
+        - A version that does not beat its baseline on held-out data never serves by
+          itself.
+        - The first version of a kind that does is promoted (a fresh tenant gets
+          predictions without a manual step).
+        - A scheduled version replaces the promoted one when it is at least as good on
+          the kind's held-out metric (`PROMOTION_METRIC`); otherwise it stays a READY
+          candidate, the reason in its `stage`. Each version is evaluated on the window
+          after its own training data, so this compares the latest evaluation with the
+          older one.
+        - An on-demand version (TrainModel, the CLI) waits for PromoteModel.
+        """
         final = self.registry.get(record.tenant_id, record.model_id)
-        if final is None or final.state.value != "ready":
+        if final is None or final.state is not ModelState.READY:
             return
-        if self.registry.promoted(record.tenant_id, record.kind) is not None:
-            return
+        name, higher_is_better = PROMOTION_METRIC[record.kind]
         m = final.metrics
-        beats = {
-            ModelKind.CHURN: m.get("roc_auc", 0) > m.get("baseline_recency_roc_auc", 1),
-            ModelKind.DEMAND_FORECAST: m.get("mase", 9) < m.get("baseline_mase", 0),
-            ModelKind.REVENUE_FORECAST: m.get("mase", 9) < m.get("baseline_mase", 0),
-            ModelKind.ANOMALY: m.get("f1", 0) > m.get("baseline_f1", 1),
-        }[record.kind]
-        if beats:
-            self.registry.promote(record.tenant_id, record.model_id, datetime.now(UTC))
-            log.info("model_auto_promoted", model_id=record.model_id)
+        baseline = m.get(f"baseline_{name}", m.get(f"baseline_recency_{name}"))
+        value = m.get(name)
+        if value is None or baseline is None or not _better(value, baseline, higher_is_better):
+            self.registry.note(
+                record.model_id, f"candidate: {name} {value} does not beat the baseline {baseline}"
+            )
+            return
+        current = self.registry.promoted(record.tenant_id, record.kind)
+        if current is not None and not scheduled:
+            return
+        if current is not None:
+            served = current.metrics.get(name)
+            if served is not None and not (
+                value == served or _better(value, served, higher_is_better)
+            ):
+                reason = (
+                    f"candidate: {name} {value:.4g} is worse than the promoted "
+                    f"{current.model_id}'s {served:.4g}"
+                )
+                self.registry.note(record.model_id, reason)
+                log.info(
+                    "scheduled_model_kept_as_candidate", model_id=record.model_id, reason=reason
+                )
+                return
+        self.registry.promote(record.tenant_id, record.model_id, datetime.now(UTC))
+        log.info(
+            "model_auto_promoted",
+            model_id=record.model_id,
+            replaced=current.model_id if current else None,
+        )
+        if record.kind is ModelKind.CHURN:
+            self._warm_snapshot(record.tenant_id)
 
     # --- registry ----------------------------------------------------------------------
 
@@ -402,7 +436,10 @@ class PredictionService:
         return self.registry.page(tenant_id, kind, page_size, page_token)
 
     def promote(self, tenant_id: str, model_id: str) -> ModelRecord:
-        return self.registry.promote(tenant_id, model_id, datetime.now(UTC))
+        record = self.registry.promote(tenant_id, model_id, datetime.now(UTC))
+        if record.kind is ModelKind.CHURN:
+            self._warm_snapshot(tenant_id)  # the next PredictChurn should not wait for it
+        return record
 
     # --- churn -------------------------------------------------------------------------
 
@@ -419,22 +456,40 @@ class PredictionService:
             self._models = {record.model_id: model}  # only the serving version stays loaded
         return model
 
-    def churn_snapshot(self, tenant_id: str) -> tuple[ModelRecord, ScoredSnapshot]:
-        """The scored snapshot of the promoted version. Missing or of another version:
-        built now. Older than the TTL: served as is while a rebuild runs in the
-        background, so no request waits for TreeSHAP over every user."""
-        record = self._serving(tenant_id, ModelKind.CHURN)
+    def _current_snapshot(self, tenant_id: str, record: ModelRecord) -> ScoredSnapshot | None:
         with self._snapshot_lock:
             snapshot = self._snapshots.get(tenant_id)
-            current = (
-                snapshot is not None and self._snapshot_models.get(tenant_id) == record.model_id
-            )
-            if snapshot is None or not current:
+            if snapshot is None or self._snapshot_models.get(tenant_id) != record.model_id:
+                return None
+            return snapshot
+
+    def _build_lock(self, tenant_id: str) -> threading.Lock:
+        with self._snapshot_lock:
+            return self._build_locks.setdefault(tenant_id, threading.Lock())
+
+    def _ensure_snapshot(self, tenant_id: str, record: ModelRecord) -> ScoredSnapshot:
+        """The snapshot of `record`, built now unless one is current (one build per
+        tenant at a time: a request arriving during a build waits for it)."""
+        with self._build_lock(tenant_id):
+            snapshot = self._current_snapshot(tenant_id, record)
+            if snapshot is None:
                 snapshot = self._build_snapshot(tenant_id, record)
-                self._snapshots[tenant_id] = snapshot
-                self._snapshot_models[tenant_id] = record.model_id
-                return record, snapshot
-            age = (datetime.now(UTC) - snapshot.built_at).total_seconds()
+                with self._snapshot_lock:
+                    self._snapshots[tenant_id] = snapshot
+                    self._snapshot_models[tenant_id] = record.model_id
+            return snapshot
+
+    def churn_snapshot(self, tenant_id: str) -> tuple[ModelRecord, ScoredSnapshot]:
+        """The scored snapshot of the promoted version. Missing or of another version:
+        built now (promotions start that build in the background). Older than the TTL:
+        served as is while a rebuild runs in the background, so no request waits for
+        TreeSHAP over every user."""
+        record = self._serving(tenant_id, ModelKind.CHURN)
+        snapshot = self._current_snapshot(tenant_id, record)
+        if snapshot is None:
+            return record, self._ensure_snapshot(tenant_id, record)
+        age = (datetime.now(UTC) - snapshot.built_at).total_seconds()
+        with self._snapshot_lock:
             if age >= self.settings.snapshot_ttl_seconds and tenant_id not in self._refreshing:
                 self._refreshing.add(tenant_id)
                 threading.Thread(
@@ -450,6 +505,25 @@ class PredictionService:
                     self._snapshots[tenant_id] = snapshot
         except Exception:
             log.exception("churn_snapshot_refresh_failed", tenant_id=tenant_id)
+        finally:
+            with self._snapshot_lock:
+                self._refreshing.discard(tenant_id)
+
+    def _warm_snapshot(self, tenant_id: str) -> None:
+        """Builds the promoted version's snapshot in the background (after a promotion)."""
+        with self._snapshot_lock:
+            if tenant_id in self._refreshing:
+                return
+            self._refreshing.add(tenant_id)
+        threading.Thread(target=self._warm, args=(tenant_id,), daemon=True).start()
+
+    def _warm(self, tenant_id: str) -> None:
+        try:
+            record = self.registry.promoted(tenant_id, ModelKind.CHURN)
+            if record is not None:
+                self._ensure_snapshot(tenant_id, record)
+        except Exception:
+            log.exception("churn_snapshot_warm_failed", tenant_id=tenant_id)
         finally:
             with self._snapshot_lock:
                 self._refreshing.discard(tenant_id)
@@ -477,11 +551,31 @@ class PredictionService:
             raise invalid_request(
                 [FieldViolation("user_ids", "users belong to a tenant: use a tenant credential")]
             )
-        record, snapshot = self.churn_snapshot(tenant_id)
+        record = self._serving(tenant_id, ModelKind.CHURN)
+        snapshot = self._current_snapshot(tenant_id, record)
+        if snapshot is None and len(user_ids) <= ON_DEMAND_MAX_USERS:
+            # Right after a promotion: these users now, every user in the background.
+            self._warm_snapshot(tenant_id)
+            snapshot = self._score_users(tenant_id, record, user_ids)
+        else:
+            record, snapshot = self.churn_snapshot(tenant_id)
         found, missing = snapshot.lookup(user_ids)
         if missing:
             raise unknown_users(user_ids, missing, f"{snapshot.frame.cutoff:%Y-%m-%d %H:%M} UTC")
         return record.model_id, found
+
+    def _score_users(
+        self, tenant_id: str, record: ModelRecord, user_ids: list[str]
+    ) -> ScoredSnapshot:
+        """A snapshot of just `user_ids` (SHAP for a few rows, not for everyone)."""
+        model = self._churn_model(record)
+        as_of = data_end(self.store, tenant_id) or datetime.now(UTC)
+        frame = build_features(self.store, tenant_id, as_of)
+        keep = np.isin(frame.user_ids, np.asarray(user_ids, dtype=object))
+        part = FeatureFrame(
+            frame.cutoff, frame.user_ids[keep], frame.matrix[keep], frame.feature_names
+        )
+        return ScoredSnapshot.score(model, part, datetime.now(UTC))
 
     # --- forecasts ---------------------------------------------------------------------
 
@@ -529,3 +623,32 @@ class PredictionService:
         self, tenant_id: str, page_size: int, page_token: str
     ) -> tuple[list[Alert], str]:
         return self.alerts.page(tenant_id, page_size, page_token)
+
+    # --- threshold rules ---------------------------------------------------------------
+
+    def put_rule(
+        self,
+        tenant_id: str,
+        metric_name: str,
+        lower: float | None,
+        upper: float | None,
+        severity: Severity = Severity.WARNING,
+        rule_id: str = "",
+    ) -> ThresholdRule:
+        """Adds (or replaces, same id) a tenant's threshold rule; checked first."""
+        if tenant_id == PLATFORM:
+            raise invalid_request(
+                [FieldViolation("rule", "threshold rules are per tenant: use a tenant credential")]
+            )
+        rule = new_rule(self.alerts, tenant_id, metric_name, lower, upper, severity, rule_id)
+        self.alerts.put_rule(rule)
+        return rule
+
+    def list_rules(self, tenant_id: str) -> list[ThresholdRule]:
+        return self.alerts.rules(tenant_id)
+
+    def delete_rule(self, tenant_id: str, rule_id: str) -> None:
+        if not self.alerts.delete_rule(tenant_id, rule_id):
+            raise AnalyticsError(
+                StatusCode.NOT_FOUND, "NOT_FOUND", f"threshold rule {rule_id!r} not found"
+            )

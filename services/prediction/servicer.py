@@ -115,3 +115,36 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         tenant = convert.tenant(principal())
         record = await asyncio.to_thread(self.service.promote, tenant, request.model_id)
         return pb.PromoteModelResponse(model=convert.model(record))
+
+    async def CreateThresholdRule(
+        self, request: pb.CreateThresholdRuleRequest, context: Any
+    ) -> pb.CreateThresholdRuleResponse:
+        self.start_background()
+        tenant = convert.tenant(principal())
+        rule = request.rule
+        stored = await asyncio.to_thread(
+            self.service.put_rule,
+            tenant,
+            rule.metric_name,
+            rule.lower if rule.HasField("lower") else None,
+            rule.upper if rule.HasField("upper") else None,
+            convert.SEVERITIES[rule.severity],
+            rule.rule_id,
+        )
+        return pb.CreateThresholdRuleResponse(rule=convert.threshold_rule(stored))
+
+    async def ListThresholdRules(
+        self, request: pb.ListThresholdRulesRequest, context: Any
+    ) -> pb.ListThresholdRulesResponse:
+        self.start_background()
+        tenant = convert.tenant(principal())
+        rules = await asyncio.to_thread(self.service.list_rules, tenant)
+        return pb.ListThresholdRulesResponse(rules=[convert.threshold_rule(r) for r in rules])
+
+    async def DeleteThresholdRule(
+        self, request: pb.DeleteThresholdRuleRequest, context: Any
+    ) -> pb.DeleteThresholdRuleResponse:
+        self.start_background()
+        tenant = convert.tenant(principal())
+        await asyncio.to_thread(self.service.delete_rule, tenant, request.rule_id)
+        return pb.DeleteThresholdRuleResponse()

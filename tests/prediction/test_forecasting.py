@@ -26,10 +26,41 @@ def test_backtest_picks_a_method_that_beats_seasonal_naive_on_co2() -> None:
     assert metrics["smape"] < metrics["baseline_smape"]
 
 
-def test_selection_never_does_worse_than_the_baseline_on_sunspots() -> None:
+def test_backtest_beats_seasonal_naive_on_sunspots_at_a_short_horizon() -> None:
+    # Four years ahead, five origins: the 11-year cycle drifts, so repeating the last
+    # cycle (seasonal naive) is poor; the lag model and the AR fit follow the phase.
     yearly = sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()
-    result = forecasting.backtest(yearly, SeriesSpec(period=11), horizon=4, folds=4)
-    assert result.scores[result.chosen].mase <= result.scores[Method.SEASONAL_NAIVE].mase
+    result = forecasting.backtest(
+        yearly,
+        SeriesSpec(period=11),
+        horizon=4,
+        folds=5,
+        # ETS (MASE 1.74 here, never chosen) left out to keep the test fast.
+        methods=(Method.SEASONAL_NAIVE, Method.SARIMAX, Method.GBM_LAGS),
+    )
+    metrics = result.metrics()
+    assert result.chosen is not Method.SEASONAL_NAIVE
+    assert metrics["mase"] < 0.85 * metrics["baseline_mase"]  # 0.761 vs 1.097 measured
+
+
+def daily_with_yearly_and_weekly_cycles(days: int = 840, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(days)
+    weekly = np.array([0.8, 0.9, 1.0, 1.0, 1.1, 1.4, 1.3])
+    return 100 + 40 * np.sin(2 * np.pi * t / 365.25) + 15 * weekly[t % 7] + rng.normal(0, 4, days)
+
+
+def test_yearly_seasonality_of_a_daily_series_is_modelled() -> None:
+    y = daily_with_yearly_and_weekly_cycles()
+    # The tenants' own setting: daily data, weekly season, a 365.25-day cycle.
+    result = forecasting.backtest(y, SeriesSpec(period=7, long_period=365.25), horizon=28, folds=3)
+    scores = {m: s.mase for m, s in result.scores.items()}
+    assert result.chosen in (Method.SARIMAX, Method.GBM_LAGS)
+    # Seasonal naive repeats last week and ETS has no yearly term: both miss the slope
+    # of the yearly cycle over four weeks (measured: 1.59 and 0.94 vs 0.68 for SARIMAX
+    # with yearly Fourier terms).
+    assert scores[result.chosen] < 0.6 * scores[Method.SEASONAL_NAIVE]
+    assert scores[result.chosen] < 0.85 * scores[Method.ETS]
 
 
 def test_seasonal_naive_repeats_the_last_season() -> None:

@@ -4,15 +4,19 @@ split, baselines beaten on held-out data, registry lifecycle, serving, clear err
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.platform.errors import AnalyticsError, StatusCode
+from services.prediction.churn import ScoredSnapshot
 from services.prediction.demand import Target
-from services.prediction.registry import ModelKind, ModelState
+from services.prediction.registry import PLATFORM, ModelKind, ModelRecord, ModelState
 from services.prediction.service import PredictionService, PredictionSettings
 from services.prediction.synthetic import SyntheticTenant, generate
 from services.storage.event_store import DuckDBEventStore
@@ -189,3 +193,121 @@ def test_anomaly_model_training_and_monitoring(tmp_path: Path) -> None:
         asyncio.run(svc.aclose())
     finally:
         store.close()
+
+
+def test_revenue_forecast_beats_seasonal_naive_with_currency_and_intervals(
+    service: PredictionService,
+) -> None:
+    record = asyncio.run(service.train(TENANT.tenant_id, ModelKind.REVENUE_FORECAST))
+    assert record.state is ModelState.PROMOTED, record.failure
+    m = record.metrics
+    # Held out: rolling origins, each fold forecast from the days before it only.
+    assert m["mase"] < m["baseline_mase"]
+    assert m["smape"] < m["baseline_smape"]
+    assert record.config["currency"] == "EUR"
+    result = service.forecast(TENANT.tenant_id, Target.REVENUE, "", 14, 0.8)
+    assert result.model_id == record.model_id and result.currency == "EUR"
+    assert len(result.points) == 14
+    assert all(0 <= p.lower <= p.value <= p.upper for p in result.points)
+    assert any(p.upper > p.lower for p in result.points)
+    assert sum(p.value for p in result.points) > 0
+
+
+def test_platform_wide_demand_forecast_is_trained_and_served(
+    service: PredictionService,
+) -> None:
+    # The platform scope (a platform admin, no tenant) sums every tenant's sales.
+    record = asyncio.run(service.train(PLATFORM, ModelKind.DEMAND_FORECAST))
+    assert record.state is ModelState.PROMOTED, record.failure
+    assert record.tenant_id == PLATFORM
+    assert record.metrics["mase"] < record.metrics["baseline_mase"]
+    result = service.forecast(PLATFORM, Target.TICKETS, "", 7, 0.9)
+    assert result.model_id == record.model_id and len(result.points) == 7
+    assert all(p.lower <= p.value <= p.upper for p in result.points)
+    # Churn stays per tenant.
+    with pytest.raises(AnalyticsError) as caught:
+        service.precheck(PLATFORM, ModelKind.CHURN)
+    assert caught.value.code is StatusCode.INVALID_ARGUMENT
+
+
+def test_shap_contributions_and_bias_sum_to_the_logit(
+    service: PredictionService, churn_model: str
+) -> None:
+    record, snapshot = service.churn_snapshot(TENANT.tenant_id)
+    model = service._churn_model(record)
+    rows = snapshot.frame.matrix[:200]
+    contributions = model.contributions(rows)
+    assert contributions.shape == (200, len(model.feature_names) + 1)  # bias last
+    p = np.clip(model.probabilities(rows).astype(np.float64), 1e-7, 1 - 1e-7)
+    logit = np.log(p / (1 - p))
+    np.testing.assert_allclose(contributions.sum(axis=1), logit, atol=2e-3)
+    # The served top features are the largest of those contributions.
+    user = str(snapshot.frame.user_ids[0])
+    _, scored = service.predict_churn(TENANT.tenant_id, [user])
+    largest = np.sort(np.abs(contributions[0, :-1]))[::-1][: len(scored[0].top_features)]
+    np.testing.assert_allclose([abs(v) for _, v in scored[0].top_features], largest, rtol=1e-5)
+
+
+def test_a_feature_schema_mismatch_is_a_clear_failed_precondition(
+    service: PredictionService, churn_model: str
+) -> None:
+    record, snapshot = service.churn_snapshot(TENANT.tenant_id)
+    model = service._churn_model(record)
+    older = dataclasses.replace(model, feature_names=(*model.feature_names[:-1], "old_feature"))
+    with pytest.raises(AnalyticsError) as caught:
+        ScoredSnapshot.score(older, snapshot.frame, snapshot.built_at)
+    assert caught.value.code is StatusCode.FAILED_PRECONDITION
+    assert "feature schema" in caught.value.message and "old_feature" in caught.value.message
+    assert "TrainModel" in caught.value.message
+
+
+def test_a_single_user_is_scored_at_once_after_a_promotion(
+    service: PredictionService, churn_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, before = service.churn_snapshot(TENANT.tenant_id)
+    users = [str(u) for u in before.frame.user_ids[:3]]
+    other = (
+        next(
+            (
+                r.model_id
+                for r in service.list_models(TENANT.tenant_id, ModelKind.CHURN, 100, "")[0]
+                if r.model_id != churn_model and r.state is ModelState.READY
+            ),
+            None,
+        )
+        or asyncio.run(service.train(TENANT.tenant_id, ModelKind.CHURN)).model_id
+    )
+    release = threading.Event()
+    started = threading.Event()
+    build = service._build_snapshot
+
+    def slow_build(tenant_id: str, record: ModelRecord) -> ScoredSnapshot:
+        started.set()
+        release.wait(30)  # the whole-snapshot build takes seconds on real tenants
+        return build(tenant_id, record)
+
+    monkeypatch.setattr(service, "_build_snapshot", slow_build)
+    try:
+        service.promote(TENANT.tenant_id, other)
+        assert started.wait(5)  # the promotion started the snapshot in the background
+        began = time.perf_counter()
+        model_id, scored = service.predict_churn(TENANT.tenant_id, users[:1])
+        assert time.perf_counter() - began < 5
+        assert model_id == other and scored[0].user_id == users[0]
+        assert (
+            service._current_snapshot(
+                TENANT.tenant_id, service._serving(TENANT.tenant_id, ModelKind.CHURN)
+            )
+            is None
+        )
+    finally:
+        release.set()
+    # Once built, the snapshot gives the same answer.
+    for _ in range(600):
+        if TENANT.tenant_id not in service._refreshing:
+            break
+        time.sleep(0.05)
+    _, full = service.predict_churn(TENANT.tenant_id, users[:1])
+    assert full[0].churn_probability == pytest.approx(scored[0].churn_probability, abs=1e-6)
+    assert [n for n, _ in full[0].top_features] == [n for n, _ in scored[0].top_features]
+    service.promote(TENANT.tenant_id, churn_model)  # back to the module's serving version

@@ -124,3 +124,56 @@ async def test_errors_at_the_edge(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     anomalies = await stub.ListAnomalies(pb.ListAnomaliesRequest(), metadata=auth(tokens))
     assert anomalies.next_page_token == ""
+
+
+async def test_threshold_rules_over_grpc(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, service = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    md = auth(tokens)
+    created = await stub.CreateThresholdRule(
+        pb.CreateThresholdRuleRequest(
+            rule=pb.ThresholdRule(
+                metric_name="tickets_sold", upper=500, severity=pb.ALERT_SEVERITY_CRITICAL
+            )
+        ),
+        metadata=md,
+    )
+    rule_id = created.rule.rule_id
+    assert rule_id and created.rule.upper == 500 and not created.rule.HasField("lower")
+    # The monitor reads the same rules.
+    stored = service.alerts.rules(TENANT.tenant_id)
+    assert [(r.rule_id, r.lower, r.upper, r.severity.value) for r in stored] == [
+        (rule_id, None, 500.0, "critical")
+    ]
+    listed = await stub.ListThresholdRules(pb.ListThresholdRulesRequest(), metadata=md)
+    assert [r.rule_id for r in listed.rules] == [rule_id]
+    assert listed.rules[0].severity == pb.ALERT_SEVERITY_CRITICAL
+
+    bad = (
+        pb.ThresholdRule(metric_name="tickets_sold"),  # no bound
+        pb.ThresholdRule(metric_name="tickets_sold", lower=9, upper=1),
+        pb.ThresholdRule(metric_name="revenue", upper=1),  # not an hourly metric
+    )
+    for rule in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CreateThresholdRule(pb.CreateThresholdRuleRequest(rule=rule), metadata=md)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Reading needs predictions:read only; changing needs models:manage.
+    reader = auth(tokens, frozenset({Scope.PREDICTIONS_READ}))
+    assert (
+        len((await stub.ListThresholdRules(pb.ListThresholdRulesRequest(), metadata=reader)).rules)
+        == 1
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DeleteThresholdRule(
+            pb.DeleteThresholdRuleRequest(rule_id=rule_id), metadata=reader
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    await stub.DeleteThresholdRule(pb.DeleteThresholdRuleRequest(rule_id=rule_id), metadata=md)
+    assert service.alerts.rules(TENANT.tenant_id) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DeleteThresholdRule(pb.DeleteThresholdRuleRequest(rule_id=rule_id), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

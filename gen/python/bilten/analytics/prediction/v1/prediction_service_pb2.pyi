@@ -108,6 +108,30 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 4
 """Training failed."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _AlertSeverity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertSeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertSeverity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_SEVERITY_UNSPECIFIED: _AlertSeverity.ValueType  # 0
+    """Not set: warning."""
+    ALERT_SEVERITY_WARNING: _AlertSeverity.ValueType  # 1
+    """Warning."""
+    ALERT_SEVERITY_CRITICAL: _AlertSeverity.ValueType  # 2
+    """Critical."""
+
+class AlertSeverity(_AlertSeverity, metaclass=_AlertSeverityEnumTypeWrapper):
+    """Severity of the alerts a threshold rule raises."""
+
+ALERT_SEVERITY_UNSPECIFIED: AlertSeverity.ValueType  # 0
+"""Not set: warning."""
+ALERT_SEVERITY_WARNING: AlertSeverity.ValueType  # 1
+"""Warning."""
+ALERT_SEVERITY_CRITICAL: AlertSeverity.ValueType  # 2
+"""Critical."""
+Global___AlertSeverity: _TypeAlias = AlertSeverity  # noqa: Y015
+
 @_typing.final
 class FeatureContribution(_message.Message):
     """A feature's contribution to one prediction."""
@@ -689,3 +713,176 @@ class PromoteModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteModelResponse: _TypeAlias = PromoteModelResponse  # noqa: Y015
+
+@_typing.final
+class ThresholdRule(_message.Message):
+    """A user-defined threshold on an hourly metric of the tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    METRIC_NAME_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """Id, unique across tenants; empty on create: one is assigned."""
+    metric_name: _builtins.str
+    """Hourly metric: `event_count`, `conversions`, `tickets_sold` or `active_users`."""
+    lower: _builtins.float
+    """Alert when the hourly value is below this; unset: no lower bound."""
+    upper: _builtins.float
+    """Alert when the hourly value is above this; unset: no upper bound."""
+    severity: Global___AlertSeverity.ValueType
+    """Severity of the alerts; unset means warning."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        metric_name: _builtins.str = ...,
+        lower: _builtins.float | None = ...,
+        upper: _builtins.float | None = ...,
+        severity: Global___AlertSeverity.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lower", b"_lower", "_upper", b"_upper", "lower", b"lower", "upper", b"upper"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lower", b"_lower", "_upper", b"_upper", "lower", b"lower", "metric_name", b"metric_name", "rule_id", b"rule_id", "severity", b"severity", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__lower: _TypeAlias = _typing.Literal["lower"]  # noqa: Y015
+    _WhichOneofArgType__lower: _TypeAlias = _typing.Literal["_lower", b"_lower"]  # noqa: Y015
+    _WhichOneofReturnType__upper: _TypeAlias = _typing.Literal["upper"]  # noqa: Y015
+    _WhichOneofArgType__upper: _TypeAlias = _typing.Literal["_upper", b"_upper"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lower) -> _WhichOneofReturnType__lower | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upper) -> _WhichOneofReturnType__upper | None: ...
+
+Global___ThresholdRule: _TypeAlias = ThresholdRule  # noqa: Y015
+
+@_typing.final
+class CreateThresholdRuleRequest(_message.Message):
+    """Request for `CreateThresholdRule`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rule(self) -> Global___ThresholdRule:
+        """The rule; at least one bound, lower not above upper."""
+
+    def __init__(
+        self,
+        *,
+        rule: Global___ThresholdRule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateThresholdRuleRequest: _TypeAlias = CreateThresholdRuleRequest  # noqa: Y015
+
+@_typing.final
+class CreateThresholdRuleResponse(_message.Message):
+    """Response for `CreateThresholdRule`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rule(self) -> Global___ThresholdRule:
+        """The stored rule, with its id."""
+
+    def __init__(
+        self,
+        *,
+        rule: Global___ThresholdRule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateThresholdRuleResponse: _TypeAlias = CreateThresholdRuleResponse  # noqa: Y015
+
+@_typing.final
+class ListThresholdRulesRequest(_message.Message):
+    """Request for `ListThresholdRules`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThresholdRulesRequest: _TypeAlias = ListThresholdRulesRequest  # noqa: Y015
+
+@_typing.final
+class ListThresholdRulesResponse(_message.Message):
+    """Response for `ListThresholdRules`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThresholdRule]:
+        """Rules, by id."""
+
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___ThresholdRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListThresholdRulesResponse: _TypeAlias = ListThresholdRulesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteThresholdRuleRequest(_message.Message):
+    """Request for `DeleteThresholdRule`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """The rule to remove."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThresholdRuleRequest: _TypeAlias = DeleteThresholdRuleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteThresholdRuleResponse(_message.Message):
+    """Response for `DeleteThresholdRule`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteThresholdRuleResponse: _TypeAlias = DeleteThresholdRuleResponse  # noqa: Y015

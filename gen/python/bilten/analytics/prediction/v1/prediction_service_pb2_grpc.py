@@ -28,8 +28,9 @@ if _version_not_supported:
 class PredictionServiceStub:
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     def __init__(self, channel):
@@ -73,13 +74,29 @@ class PredictionServiceStub:
                 request_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelRequest.SerializeToString,
                 response_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelResponse.FromString,
                 _registered_method=True)
+        self.CreateThresholdRule = channel.unary_unary(
+                '/bilten.analytics.prediction.v1.PredictionService/CreateThresholdRule',
+                request_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleRequest.SerializeToString,
+                response_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleResponse.FromString,
+                _registered_method=True)
+        self.ListThresholdRules = channel.unary_unary(
+                '/bilten.analytics.prediction.v1.PredictionService/ListThresholdRules',
+                request_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesRequest.SerializeToString,
+                response_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteThresholdRule = channel.unary_unary(
+                '/bilten.analytics.prediction.v1.PredictionService/DeleteThresholdRule',
+                request_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleRequest.SerializeToString,
+                response_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleResponse.FromString,
+                _registered_method=True)
 
 
 class PredictionServiceServicer:
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     def PredictChurn(self, request, context):
@@ -131,6 +148,28 @@ class PredictionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateThresholdRule(self, request, context):
+        """Adds a user-defined threshold rule on an hourly metric, or replaces the tenant's
+        rule with the same id. The anomaly monitor alerts when the metric leaves the bounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListThresholdRules(self, request, context):
+        """The tenant's threshold rules, by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteThresholdRule(self, request, context):
+        """Removes a threshold rule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PredictionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +208,21 @@ def add_PredictionServiceServicer_to_server(servicer, server):
                     request_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelRequest.FromString,
                     response_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelResponse.SerializeToString,
             ),
+            'CreateThresholdRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateThresholdRule,
+                    request_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleRequest.FromString,
+                    response_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleResponse.SerializeToString,
+            ),
+            'ListThresholdRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListThresholdRules,
+                    request_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesRequest.FromString,
+                    response_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesResponse.SerializeToString,
+            ),
+            'DeleteThresholdRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteThresholdRule,
+                    request_deserializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleRequest.FromString,
+                    response_serializer=bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'bilten.analytics.prediction.v1.PredictionService', rpc_method_handlers)
@@ -180,8 +234,9 @@ def add_PredictionServiceServicer_to_server(servicer, server):
 class PredictionService:
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     @staticmethod
@@ -363,6 +418,87 @@ class PredictionService:
             '/bilten.analytics.prediction.v1.PredictionService/PromoteModel',
             bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelRequest.SerializeToString,
             bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateThresholdRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bilten.analytics.prediction.v1.PredictionService/CreateThresholdRule',
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleRequest.SerializeToString,
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.CreateThresholdRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListThresholdRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bilten.analytics.prediction.v1.PredictionService/ListThresholdRules',
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesRequest.SerializeToString,
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.ListThresholdRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteThresholdRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bilten.analytics.prediction.v1.PredictionService/DeleteThresholdRule',
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleRequest.SerializeToString,
+            bilten_dot_analytics_dot_prediction_dot_v1_dot_prediction__service__pb2.DeleteThresholdRuleResponse.FromString,
             options,
             channel_credentials,
             insecure,

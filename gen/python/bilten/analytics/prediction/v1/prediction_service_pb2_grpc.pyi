@@ -29,8 +29,9 @@ GRPC_VERSION: str
 class PredictionServiceStub:
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     @_typing.overload
@@ -51,13 +52,22 @@ class PredictionServiceStub:
     """Model versions, newest first."""
     PromoteModel: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.PromoteModelRequest, _prediction_service_pb2.PromoteModelResponse]
     """Makes a version the one serving predictions (also used to roll back)."""
+    CreateThresholdRule: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.CreateThresholdRuleRequest, _prediction_service_pb2.CreateThresholdRuleResponse]
+    """Adds a user-defined threshold rule on an hourly metric, or replaces the tenant's
+    rule with the same id. The anomaly monitor alerts when the metric leaves the bounds.
+    """
+    ListThresholdRules: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.ListThresholdRulesRequest, _prediction_service_pb2.ListThresholdRulesResponse]
+    """The tenant's threshold rules, by id."""
+    DeleteThresholdRule: _grpc.UnaryUnaryMultiCallable[_prediction_service_pb2.DeleteThresholdRuleRequest, _prediction_service_pb2.DeleteThresholdRuleResponse]
+    """Removes a threshold rule."""
 
 @_typing.type_check_only
 class PredictionServiceAsyncStub(PredictionServiceStub):
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -75,12 +85,21 @@ class PredictionServiceAsyncStub(PredictionServiceStub):
     """Model versions, newest first."""
     PromoteModel: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.PromoteModelRequest, _prediction_service_pb2.PromoteModelResponse]  # type: ignore[assignment]
     """Makes a version the one serving predictions (also used to roll back)."""
+    CreateThresholdRule: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.CreateThresholdRuleRequest, _prediction_service_pb2.CreateThresholdRuleResponse]  # type: ignore[assignment]
+    """Adds a user-defined threshold rule on an hourly metric, or replaces the tenant's
+    rule with the same id. The anomaly monitor alerts when the metric leaves the bounds.
+    """
+    ListThresholdRules: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.ListThresholdRulesRequest, _prediction_service_pb2.ListThresholdRulesResponse]  # type: ignore[assignment]
+    """The tenant's threshold rules, by id."""
+    DeleteThresholdRule: _aio.UnaryUnaryMultiCallable[_prediction_service_pb2.DeleteThresholdRuleRequest, _prediction_service_pb2.DeleteThresholdRuleResponse]  # type: ignore[assignment]
+    """Removes a threshold rule."""
 
 class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Churn predictions, demand and revenue forecasts, anomalies, and the model registry.
 
-    Scopes: `predictions:read` for predictions and models, `models:manage` to train and
-    promote. Confined to the credential's tenant.
+    Scopes: `predictions:read` for predictions, models and threshold rules,
+    `models:manage` to train and promote and to change threshold rules. Confined to the
+    credential's tenant.
     """
 
     @_abc_1.abstractmethod
@@ -138,5 +157,31 @@ class PredictionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_prediction_service_pb2.PromoteModelResponse, _abc.Awaitable[_prediction_service_pb2.PromoteModelResponse]]:
         """Makes a version the one serving predictions (also used to roll back)."""
+
+    @_abc_1.abstractmethod
+    def CreateThresholdRule(
+        self,
+        request: _prediction_service_pb2.CreateThresholdRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prediction_service_pb2.CreateThresholdRuleResponse, _abc.Awaitable[_prediction_service_pb2.CreateThresholdRuleResponse]]:
+        """Adds a user-defined threshold rule on an hourly metric, or replaces the tenant's
+        rule with the same id. The anomaly monitor alerts when the metric leaves the bounds.
+        """
+
+    @_abc_1.abstractmethod
+    def ListThresholdRules(
+        self,
+        request: _prediction_service_pb2.ListThresholdRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prediction_service_pb2.ListThresholdRulesResponse, _abc.Awaitable[_prediction_service_pb2.ListThresholdRulesResponse]]:
+        """The tenant's threshold rules, by id."""
+
+    @_abc_1.abstractmethod
+    def DeleteThresholdRule(
+        self,
+        request: _prediction_service_pb2.DeleteThresholdRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prediction_service_pb2.DeleteThresholdRuleResponse, _abc.Awaitable[_prediction_service_pb2.DeleteThresholdRuleResponse]]:
+        """Removes a threshold rule."""
 
 def add_PredictionServiceServicer_to_server(servicer: PredictionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
