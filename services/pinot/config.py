@@ -179,11 +179,11 @@ def stream_config(settings: PinotTableSettings) -> dict[str, str]:
         "realtime.segment.flush.threshold.time": "6h",
     }
     if settings.registry_token:
-        # The decoder hands `schema.registry.*` props to Confluent's registry client.
-        config["stream.kafka.decoder.prop.schema.registry.basic.auth.credentials.source"] = (
-            "USER_INFO"
-        )
-        config["stream.kafka.decoder.prop.schema.registry.basic.auth.user.info"] = (
+        # Pinot's decoder hands all its props to Confluent's `CachedSchemaRegistryClient`,
+        # which reads HTTP basic auth from these two (SchemaRegistryClientConfig); our
+        # registry takes a token as the password, whatever the user name.
+        config["stream.kafka.decoder.prop.basic.auth.credentials.source"] = "USER_INFO"
+        config["stream.kafka.decoder.prop.basic.auth.user.info"] = (
             f"bilten:{settings.registry_token}"
         )
     # Kafka client security (security.protocol, sasl.*) goes to Pinot's consumer as is.

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from schema_registry.app import create_app
+from schema_registry.auth import StaticTokenAuthenticator
 from schema_registry.settings import RegistrySettings
 from tests.conftest import free_port
 from tests.schema_registry.live_server import serve
@@ -36,12 +37,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"pinot: needs a real {LABEL}; BILTEN_TEST_PINOT=1")
 
 
+REGISTRY_TOKEN = "pinot-test-registry-token"
+
+
 @dataclass(frozen=True)
 class PinotCluster:
     kafka_bootstrap: str
     controller_url: str
     broker_url: str
     registry_url: str
+    registry_token: str = REGISTRY_TOKEN
 
 
 def _run(script: str, command: str, env: dict[str, str], timeout: float) -> None:
@@ -82,9 +87,10 @@ def pinot_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PinotClu
         "BILTEN_PINOT_SERVER_GRPC_PORT": str(free_port()),
         "BILTEN_PINOT_HEAP": "1g",
     }
-    # The shim registry client sends no credentials: this registry runs without auth.
+    # Auth on: Pinot's decoder reads schemas with the token the generated table carries.
     app = create_app(
-        RegistrySettings(storage=f"sqlite:///{root / 'registry.db'}", auth_enabled=False)
+        RegistrySettings(storage=f"sqlite:///{root / 'registry.db'}"),
+        StaticTokenAuthenticator({REGISTRY_TOKEN: ["admin"]}),
     )
     try:
         _run("kafka.sh", "start", kafka_env, 300)

@@ -60,7 +60,9 @@ def test_realtime_table_config_matches_the_issue() -> None:
     assert CONSUMER_FACTORY.endswith("kafka30.KafkaConsumerFactory")
     assert stream["stream.kafka.decoder.class.name"] == CONFLUENT_AVRO_DECODER
     assert stream["stream.kafka.decoder.prop.schema.registry.rest.url"] == "http://registry:8081"
-    assert stream["stream.kafka.decoder.prop.schema.registry.basic.auth.user.info"] == "bilten:tok"
+    # The keys Confluent's CachedSchemaRegistryClient reads (Pinot passes its props as is).
+    assert stream["stream.kafka.decoder.prop.basic.auth.credentials.source"] == "USER_INFO"
+    assert stream["stream.kafka.decoder.prop.basic.auth.user.info"] == "bilten:tok"
     assert stream["stream.kafka.isolation.level"] == "read_committed"
     assert stream["security.protocol"] == "SASL_SSL"
     assert table["dedupConfig"] == {"dedupEnabled": True, "hashFunction": "NONE"}

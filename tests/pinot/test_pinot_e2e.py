@@ -64,7 +64,7 @@ def loaded(pinot_cluster: PinotCluster, tmp_path_factory: pytest.TempPathFactory
         log = KafkaEventLog(
             bootstrap=cluster.kafka_bootstrap,
             layout=layout,
-            schema_id=EnvelopeSchemaId(cluster.registry_url, None, topic),
+            schema_id=EnvelopeSchemaId(cluster.registry_url, cluster.registry_token, topic),
         )
         assert await log.start()
         for start in range(0, TOTAL, 300):
@@ -79,6 +79,7 @@ def loaded(pinot_cluster: PinotCluster, tmp_path_factory: pytest.TempPathFactory
         topic=topic,
         kafka_bootstrap=cluster.kafka_bootstrap,
         registry_url=cluster.registry_url,
+        registry_token=cluster.registry_token,
     )
     done = apply(cluster.controller_url, table_settings)
     assert done == {"schema": table, "table": "created"}
@@ -92,7 +93,7 @@ def loaded(pinot_cluster: PinotCluster, tmp_path_factory: pytest.TempPathFactory
     processor = StreamProcessor(
         ProcessorConfig(cluster.kafka_bootstrap, topic, layout.dead_letter.name, group_id="e2e"),
         store,
-        WriterSchemas(cluster.registry_url, None),
+        WriterSchemas(cluster.registry_url, cluster.registry_token),
     )
     processor.start()
     deadline = time.monotonic() + 60

@@ -122,6 +122,7 @@ async def running(
         kafka_events_topic=f"e2e.query-backend.{suffix}",
         kafka_events_partitions=3,
         schema_registry_url=cluster.registry_url,
+        schema_registry_token=cluster.registry_token,
         processor_group_id=f"e2e-query-backend-{suffix}",
         processor_session_timeout_ms=6000,
         query_backend="pinot",

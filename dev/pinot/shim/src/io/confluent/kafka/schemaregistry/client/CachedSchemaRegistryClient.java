@@ -14,6 +14,9 @@ public class CachedSchemaRegistryClient implements SchemaRegistryClient {
 
   public CachedSchemaRegistryClient(RestService restService, int identityMapCapacity, Map<String, ?> configs) {
     _restService = restService;
+    if (configs != null) {
+      restService.configure(configs);  // credentials, as Confluent's client does
+    }
     final int capacity = Math.max(1, identityMapCapacity);
     _byId = Collections.synchronizedMap(new LinkedHashMap<Integer, Schema>(16, 0.75f, true) {
       @Override

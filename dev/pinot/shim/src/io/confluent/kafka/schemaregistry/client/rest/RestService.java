@@ -7,8 +7,11 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.net.HttpURLConnection;
 import java.net.URL;
+import java.nio.charset.StandardCharsets;
+import java.util.Base64;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Map;
 import javax.net.ssl.HttpsURLConnection;
 import javax.net.ssl.SSLSocketFactory;
 
@@ -16,6 +19,7 @@ public class RestService {
   private static final ObjectMapper MAPPER = new ObjectMapper();
   private final List<String> _baseUrls = new ArrayList<>();
   private volatile SSLSocketFactory _sslSocketFactory;
+  private volatile String _authorization;  // the Authorization header value, or null
 
   public RestService(String baseUrlConfig) {
     for (String url : baseUrlConfig.split(",")) {
@@ -36,6 +40,55 @@ public class RestService {
     _sslSocketFactory = sslSocketFactory;
   }
 
+  /**
+   * Credentials as Confluent's client reads them (SchemaRegistryClientConfig):
+   * basic.auth.credentials.source USER_INFO (basic.auth.user.info = user:password) or URL
+   * (user:password in the registry URL), or bearer.auth.credentials.source STATIC_TOKEN
+   * (bearer.auth.token). Unknown sources are refused rather than silently ignored.
+   */
+  public void configure(Map<String, ?> configs) {
+    Object basicSource = configs.get("basic.auth.credentials.source");
+    Object bearerSource = configs.get("bearer.auth.credentials.source");
+    if (basicSource != null && !basicSource.toString().isEmpty()) {
+      String source = basicSource.toString();
+      String userInfo;
+      if ("USER_INFO".equals(source)) {
+        Object value = configs.get("basic.auth.user.info");
+        userInfo = value == null ? "" : value.toString();
+      } else if ("URL".equals(source)) {
+        String info = null;
+        for (String base : _baseUrls) {
+          try {
+            info = new URL(base).getUserInfo();
+          } catch (java.net.MalformedURLException e) {
+            throw new IllegalArgumentException("schema registry url " + base + ": " + e.getMessage());
+          }
+          if (info != null) {
+            break;
+          }
+        }
+        userInfo = info == null ? "" : info;
+      } else {
+        throw new IllegalArgumentException("basic.auth.credentials.source " + source
+            + " is not supported by this client (USER_INFO or URL)");
+      }
+      if (userInfo.isEmpty()) {
+        throw new IllegalArgumentException("basic.auth.credentials.source " + source + " gives no user info");
+      }
+      _authorization = "Basic " + Base64.getEncoder().encodeToString(userInfo.getBytes(StandardCharsets.UTF_8));
+    } else if (bearerSource != null && !bearerSource.toString().isEmpty()) {
+      if (!"STATIC_TOKEN".equals(bearerSource.toString())) {
+        throw new IllegalArgumentException("bearer.auth.credentials.source " + bearerSource
+            + " is not supported by this client (STATIC_TOKEN)");
+      }
+      Object token = configs.get("bearer.auth.token");
+      if (token == null || token.toString().isEmpty()) {
+        throw new IllegalArgumentException("bearer.auth.credentials.source STATIC_TOKEN without bearer.auth.token");
+      }
+      _authorization = "Bearer " + token;
+    }
+  }
+
   /** GET {url}/schemas/ids/{id} and return its "schema" field; tries each url in turn. */
   public String getSchemaString(int id) throws IOException {
     IOException last = null;
@@ -48,6 +101,9 @@ public class RestService {
         conn.setConnectTimeout(10_000);
         conn.setReadTimeout(30_000);
         conn.setRequestProperty("Accept", "application/vnd.schemaregistry.v1+json, application/json");
+        if (_authorization != null) {
+          conn.setRequestProperty("Authorization", _authorization);
+        }
         int status = conn.getResponseCode();
         InputStream in = status < 400 ? conn.getInputStream() : conn.getErrorStream();
         JsonNode body = in == null ? null : MAPPER.readTree(in);
