@@ -135,6 +135,7 @@ class ProcessorConfig:
 @dataclass
 class ProcessorStats:
     batches: int = 0
+    largest_batch_records: int = 0  # records (offsets) one commit covered, at most
     stored_events: int = 0
     duplicate_events: int = 0
     dead_lettered: int = 0
@@ -380,6 +381,7 @@ class _Prepared:
     lease: int | None = None  # key-store lease held from decryption to commit
     erased_lease: int | None = None  # ErasedSubjects lease held from the filter to commit
     pii_counts: dict[str, int] = field(default_factory=dict)  # counted after the commit
+    records: int = 0  # topic records the batch covers (stored, duplicate or dead-lettered)
 
 
 class _Member:
@@ -559,7 +561,12 @@ class _Member:
                 if now - last_lag >= 0.5:
                     last_lag = now
                     self._update_lag()
-            self._flush_or_back_off()
+            # Commit what is held, a full batch at a time (a failure leaves the rest to be
+            # read again by whoever gets the partitions next).
+            for _ in range(len(self.pending) // self.config.max_batch_events + 1):
+                self._flush_or_back_off()
+                if not self.pending or self.paused:
+                    break
             self._flush_or_back_off(settle_only=True)
         except Exception:
             log.exception("stream_processor_member_crashed", member=self.index)
@@ -614,8 +621,16 @@ class _Member:
         """Prepares the pending batch, waits for the commit in flight, submits this one."""
         prepared = None
         if self.pending:
-            prepared = self._prepare(self.pending)  # raises before changing anything
-            self.pending = []
+            # Exactly max_batch_events at most, the rest waits for the next batch: a fetch
+            # overshooting a full row group by a few records would leave a small row group
+            # behind each batch, and DuckDB's checkpoint later merges those (measured: a
+            # 1 s commit stall after four 124,000-event batches, none after 122,880).
+            limit = self.config.max_batch_events
+            batch = self.pending[:limit]
+            prepared = self._prepare(batch)  # raises before changing anything
+            self.pending = self.pending[limit:]
+            if self.pending:
+                self.pending_since = time.monotonic()
         try:
             settled = self._settle()
         except BaseException:
@@ -773,7 +788,9 @@ class _Member:
             StreamOffset(self.config.topic, partition, self.positions.get(partition), offset)
             for partition, offset in sorted(next_offsets.items())
         ]
-        return _Prepared(table, keys, offsets, next_offsets, duplicates, started, now, lease)
+        return _Prepared(
+            table, keys, offsets, next_offsets, duplicates, started, now, lease, records=len(batch)
+        )
 
     def _committed(self, prepared: _Prepared) -> None:
         """After the store commit: Kafka's offsets (lag figures), live feed, counters."""
@@ -801,6 +818,10 @@ class _Member:
             duplicate_events=prepared.duplicates,
             **prepared.pii_counts,
         )
+        with processor._stats_lock:
+            processor.stats.largest_batch_records = max(
+                processor.stats.largest_batch_records, prepared.records
+            )
         processor.stats.last_commit_seconds = time.perf_counter() - prepared.started
         processor.stats.last_commit_at = time.time()
 

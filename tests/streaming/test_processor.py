@@ -264,6 +264,8 @@ def test_a_backlog_is_committed_in_full_batches_whatever_the_freshness_bound(
         assert len(set(stored_ids(store))) == 60_000
     # A fetch at the start or the end of the backlog may come back short: a few extra.
     if few_batches:
+        # Full batches of exactly max_batch_events, even when a fetch overshoots it.
+        assert processor.stats.largest_batch_records == 20_000
         assert processor.stats.batches <= 6, processor.stats
     else:
         assert processor.stats.batches >= 12, processor.stats
