@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -81,6 +82,97 @@ def incoming_event(
         serialized_size=event.ByteSize(),
         render_original=lambda: json_format.MessageToJson(event, indent=None),
     )
+
+
+class _RenderOriginal:
+    """`IncomingEvent.render_original` of a batch item: one small object per event
+    (a closure costs a function and a cell, both tracked by the garbage collector)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event: tracked_event_pb2.TrackedEvent) -> None:
+        self._event = event
+
+    def __call__(self) -> str:
+        return json_format.MessageToJson(self._event, indent=None)
+
+
+def incoming_events(
+    events: Iterable[tracked_event_pb2.TrackedEvent], peer_ip: str, peer_user_agent: str
+) -> list[IncomingEvent]:
+    """`incoming_event` over a whole request in one pass: the same results, about half
+    the cost per event (no per-field keyword call, sub-messages read once, and the
+    common case of an event without properties or revenue takes no extra call).
+    tests/unit/test_ingestion_batch.py checks it against `incoming_event`."""
+    out: list[IncomingEvent] = []
+    append = out.append
+    from_timestamp = datetime.fromtimestamp
+    utc = UTC
+    event_types = _EVENT_TYPES.get
+    sources = _SOURCES.get
+    api = EventSource.API
+    dumps = orjson.dumps
+    to_dict = json_format.MessageToDict
+    for event in events:
+        if event.HasField("occurred_at"):
+            stamp = event.occurred_at
+            occurred_at: datetime | None = from_timestamp(stamp.seconds + stamp.nanos / 1e9, utc)
+        else:
+            occurred_at = None
+        # An unset `properties` reads as an empty Struct: same as "absent or empty".
+        fields = event.properties.fields
+        property_count = len(fields)
+        properties_json = dumps(to_dict(event.properties)).decode() if property_count else "{}"
+        ticketing = event.ticketing
+        revenue: Decimal | None = None
+        currency = ""
+        if ticketing.HasField("revenue"):
+            money = ticketing.revenue
+            revenue = Decimal(money.units) + Decimal(money.nanos).scaleb(-9)
+            currency = money.currency_code
+        client = event.client
+        page = event.page
+        append(
+            IncomingEvent(
+                event.event_id,
+                event_types(event.event_type),
+                event.event_name,
+                occurred_at,
+                event.session_id,
+                event.user_id,
+                event.anonymous_id,
+                page.url,
+                page.title,
+                page.referrer,
+                ticketing.ticketed_event_id,
+                ticketing.campaign_id,
+                ticketing.order_id,
+                ticketing.quantity,
+                revenue,
+                currency,
+                sources(client.source, api),
+                client.user_agent or peer_user_agent,
+                client.ip_address or peer_ip,
+                properties_json,
+                property_count,
+                event.definition_version,
+                event.ByteSize(),
+                _RenderOriginal(event),
+            )
+        )
+    return out
+
+
+def ingest_results(outcomes: Iterable[IngestOutcome]) -> list[ingestion_pb2.IngestResult]:
+    """`ingest_result` of each outcome; those without a rejection take the short path."""
+    result = ingestion_pb2.IngestResult
+    statuses = _STATUSES
+    return [
+        result(event_id=o.event_id, status=statuses[o.status])
+        if o.rejection_reason is None
+        else ingest_result(o)
+        for o in outcomes
+    ]
 
 
 def event_from_json(text: str) -> tracked_event_pb2.TrackedEvent:

@@ -77,7 +77,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     ) -> list[IngestOutcome]:
         ip, user_agent = _peer(context)
         caller = principal()
-        incoming = [convert.incoming_event(e, ip, user_agent) for e in events]
+        incoming = convert.incoming_events(events, ip, user_agent)
         return await self._pipeline.ingest(
             caller.tenant_id, caller.subject, incoming, "events", item_violations
         )
@@ -95,7 +95,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         (outcome,) = await self._pipeline.ingest(
             caller.tenant_id,
             caller.subject,
-            [convert.incoming_event(event, ip, user_agent)],
+            convert.incoming_events((event,), ip, user_agent),
             "event",
             current_item_violations.get(),
             implied_type,
@@ -135,15 +135,19 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         self, request: pb.IngestEventsRequest, context: Any
     ) -> pb.IngestEventsResponse:
         outcomes = await self._ingest_batch(request.events, context, current_item_violations.get())
-        response = pb.IngestEventsResponse(results=[convert.ingest_result(o) for o in outcomes])
+        # Counted in Python and set once: `+= 1` on a proto field is a call per event.
+        accepted = duplicates = 0
         for outcome in outcomes:
             if outcome.status is IngestStatus.ACCEPTED:
-                response.accepted_count += 1
+                accepted += 1
             elif outcome.status is IngestStatus.DUPLICATE:
-                response.duplicate_count += 1
-            else:
-                response.rejected_count += 1
-        return response
+                duplicates += 1
+        return pb.IngestEventsResponse(
+            results=convert.ingest_results(outcomes),
+            accepted_count=accepted,
+            duplicate_count=duplicates,
+            rejected_count=len(outcomes) - accepted - duplicates,
+        )
 
     async def UploadEvents(
         self, request_iterator: AsyncIterator[pb.UploadEventsRequest], context: Any
@@ -216,9 +220,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         # The replayed copies that were rejected again got new quarantine entries; the
         # old entries are now superseded in every case.
         await self._quarantine.delete_quarantined(caller.tenant_id, ids)
-        return pb.ReplayQuarantinedEventsResponse(
-            results=[convert.ingest_result(o) for o in outcomes]
-        )
+        return pb.ReplayQuarantinedEventsResponse(results=convert.ingest_results(outcomes))
 
     async def GetPipelineStatus(
         self, request: pb.GetPipelineStatusRequest, context: Any

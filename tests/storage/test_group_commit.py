@@ -164,3 +164,73 @@ async def test_a_cancelled_waiter_does_not_disturb_the_others(store: DuckDBEvent
     # At-least-once: the cancelled request was already queued, so it was committed.
     assert store.count("acme") == 15
     await log.close()
+
+
+class SlowStore:
+    """Commits take `seconds` (like a DuckDB commit with fsync); records group sizes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.group_sizes: list[int] = []
+
+    def append(self, events: Sequence[TrackedEvent]) -> None:
+        import time
+
+        time.sleep(self.seconds)
+        self.group_sizes.append(len(events))
+
+
+async def _staggered(log: GroupCommitter, gap: float) -> None:
+    first = asyncio.ensure_future(log.append(random_events(31, 1)))
+    await asyncio.sleep(gap)
+    second = asyncio.ensure_future(log.append(random_events(32, 1)))
+    await asyncio.gather(first, second)
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.3])
+async def test_under_concurrency_small_writes_linger_into_one_group(linger: float) -> None:
+    store = SlowStore(0.4)
+    log = GroupCommitter(store, max_linger_seconds=linger)  # type: ignore[arg-type]
+    # Two concurrent writers: the log has seen concurrency.
+    await asyncio.gather(log.append(random_events(30, 1)), log.append(random_events(33, 1)))
+    assert store.group_sizes == [2]
+    # The next wave arrives spread out: with a linger it still forms one group.
+    await _staggered(log, gap=0.05)
+    assert store.group_sizes[1:] == ([2] if linger else [1, 1])
+    await log.close()
+
+
+async def test_an_idle_log_and_large_groups_never_linger() -> None:
+    import time
+
+    store = SlowStore(0.05)
+    log = GroupCommitter(store, max_linger_seconds=5.0, linger_until_events=10)  # type: ignore[arg-type]
+    await log.append(random_events(40, 1))
+    started = time.perf_counter()
+    await log.append(random_events(41, 1))  # the last group was a lone request
+    assert time.perf_counter() - started < 1.0
+    await asyncio.gather(log.append(random_events(42, 1)), log.append(random_events(43, 1)))
+    started = time.perf_counter()
+    await log.append(random_events(44, 10))  # enough waiting to commit at once
+    assert time.perf_counter() - started < 1.0
+    assert store.group_sizes == [1, 1, 2, 10]
+    await log.close()
+
+
+def test_a_negative_linger_is_refused() -> None:
+    with pytest.raises(ValueError, match="linger"):
+        GroupCommitter(SlowStore(0), max_linger_seconds=-1)  # type: ignore[arg-type]
+
+
+async def test_cancelled_while_lingering_fails_the_queued_waiters() -> None:
+    store = SlowStore(0.2)
+    log = GroupCommitter(store, max_linger_seconds=5.0)  # type: ignore[arg-type]
+    await asyncio.gather(log.append(random_events(50, 1)), log.append(random_events(51, 1)))
+    waiter = asyncio.ensure_future(log.append(random_events(52, 1)))
+    await asyncio.sleep(0.02)  # the writer is lingering now
+    assert log._writer is not None
+    log._writer.cancel()
+    with pytest.raises(EventLogClosedError):
+        await waiter
+    assert log.pending_events == 0
+    assert store.group_sizes == [2]
