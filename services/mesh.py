@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import time
@@ -41,6 +43,7 @@ from services.ingestion.rate_limit import rate_limiter_for
 from services.ingestion.servicer import IngestionServicer
 from services.ingestion.sinks import CommittingEventLog, MetadataQuarantine
 from services.live.alerts import RedisAlertBus, alert_bus_for
+from services.live.observers import follow_live_feed
 from services.platform.audit import AuditLog
 from services.platform.auth import (
     ORGANIZER_ADMIN_SCOPES,
@@ -78,8 +81,9 @@ from services.streaming.wiring import KafkaStreaming
 
 SERVICE_NAMES = ("ingestion", "query", "aggregation", "compliance", "prediction")
 # With the Kafka event log, these run the stream processor in their process: it owns the
-# event store they read (DuckDB lets one process open the file).
-PROCESSOR_HOSTS = ("processor", "query", "aggregation")
+# event store they read (DuckDB lets one process open the file). Prediction reads the
+# store too (features, series, hourly totals), so a prediction pod fills its own.
+PROCESSOR_HOSTS = ("processor", "query", "aggregation", "prediction")
 CREDENTIALS_FILE = "credentials.json"
 
 
@@ -104,6 +108,7 @@ class Mesh:
     metric_backend: MetricBackend | None = None
     retention_job: RetentionJob | None = None  # set by start() where it runs
     erasure_applier: ErasureApplier | None = None  # set by start() on a processor host
+    prediction: PredictionService | None = None  # set by start() where prediction is served
     # Prediction alerts across processes when settings.redis_url is set (services/live/alerts.py).
     alert_bus: RedisAlertBus | None = None
     _closers: list[Any] = field(default_factory=list)
@@ -389,10 +394,15 @@ class Mesh:
                 # is served, from the start rather than from the first prediction call.
                 registration.servicer.start_background()
                 self._closers.append(registration.servicer.service.aclose)
-                # Streaming detection on the committed batches the live dashboards see
-                # (where the aggregation runtime runs in this process).
-                if self.aggregation is not None:
-                    self.aggregation.add_observer(registration.servicer.service.live)
+                # Streaming detection on the committed batches the live dashboards see:
+                # through the aggregation runtime where it runs in this process, else
+                # straight from this process's stream processor (a prediction pod).
+                self.prediction = registration.servicer.service
+                live_check = registration.servicer.service.live
+                fed = self.aggregation is not None and self.aggregation.add_observer(live_check)
+                if not fed and self.live_feed is not None:
+                    task = asyncio.ensure_future(follow_live_feed(self.live_feed, live_check))
+                    self._closers.append(functools.partial(_cancel, task))
             elif isinstance(registration.servicer, QueryServicer):
                 # The report scheduler: started with the server, stopped (after the
                 # report it is running) before the stores close.
@@ -485,3 +495,9 @@ class Mesh:
 
 async def wait_forever(stop: asyncio.Event) -> None:
     await stop.wait()
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

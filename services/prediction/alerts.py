@@ -660,6 +660,12 @@ class LiveAnomalyCheck:
 
     # --- the check, on the event loop -------------------------------------------------------
 
+    def open_hour(self, tenant_id: str) -> tuple[datetime, dict[str, float]] | None:
+        """The tenant's hour being counted and its running totals so far (a copy)."""
+        with self._lock:
+            current = self._open.get(tenant_id)
+            return None if current is None else (current.hour, dict(current.totals))
+
     async def check(self, now: datetime | None = None) -> list[Alert]:
         """Checks the open hour of every tenant that received events since the last check."""
         hour = floor_hour(now or self._clock())

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.mesh import PROCESSOR_HOSTS
 from tests.deploy import tools
 
 pytestmark = pytest.mark.deploy
@@ -506,9 +507,13 @@ REDIS_SHAPES = {
 }
 
 
+REDIS_READERS = ("ingestion", "aggregation", "prediction")
+
+
 @pytest.mark.parametrize("name", sorted(REDIS_SHAPES))
 def test_ingestion_shares_its_rate_limit_through_redis(staged_chart: Path, name: str) -> None:
-    """Only ingestion reads Redis (BILTEN_REDIS_URL); the password comes from the Secret."""
+    """Ingestion (rate limit), prediction and aggregation (the anomaly alert bus) read
+    Redis (BILTEN_REDIS_URL); the password comes from the Secret."""
     sets, url = REDIS_SHAPES[name]
     objects = tools.helm_template(staged_chart, sets=sets)
     secret = next(o for o in objects if o["kind"] == "Secret")
@@ -520,7 +525,7 @@ def test_ingestion_shares_its_rate_limit_through_redis(staged_chart: Path, name:
         )
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in container["env"]}
-        if component != "ingestion" or not url:
+        if component not in REDIS_READERS or not url:
             assert "BILTEN_REDIS_URL" not in env and "BILTEN_REDIS_PASSWORD" not in env
             continue
         assert env["BILTEN_REDIS_URL"]["value"] == url
@@ -594,3 +599,26 @@ def test_no_platform_process_writes_dev_credentials(
             name = f"{shape} {obj['kind']}/{obj['metadata']['name']}/{container['name']}"
             assert env.get("BILTEN_CREATE_DEV_CREDENTIALS") == "false", name
     assert seen >= 6
+
+
+def test_every_processor_host_pod_reads_every_partition(staged_chart: Path) -> None:
+    """The gRPC components that host a stream processor (services/mesh.py PROCESSOR_HOSTS)
+    fill their pod's own store, so each pod is its own consumer group; the others run no
+    processor and get no group id."""
+    objects = tools.helm_template(
+        staged_chart,
+        sets={"platform.eventLog": "kafka", "externalKafka.bootstrapServers": "kafka:9092"},
+    )
+    for component in GRPC_COMPONENTS:
+        deployment = next(
+            o
+            for o in objects
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{tools.RELEASE}-{component}"
+        )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        if component in PROCESSOR_HOSTS:
+            ref = env["BILTEN_PROCESSOR_GROUP_ID"]["valueFrom"]["fieldRef"]
+            assert ref["fieldPath"] == "metadata.name"
+        else:
+            assert "BILTEN_PROCESSOR_GROUP_ID" not in env

@@ -99,3 +99,50 @@ async def test_kafka_shape_in_one_process_reports_lag_and_serves_queries(
             assert sum(p.value for p in metrics.series[0].points) == 300
     finally:
         await mesh.stop()
+
+
+@pytest.mark.kafka
+async def test_a_prediction_process_fills_its_own_store_and_checks_live_batches(
+    kafka_bootstrap: str, registry_url: str, tmp_path: Path
+) -> None:
+    """Cluster shape: prediction is a stream-processor host (it reads the store), and its
+    live anomaly check is fed from its own processor when no aggregation runtime runs."""
+    topic = f"test.prediction-host.{time.time_ns()}"
+    settings = PlatformSettings(
+        data_dir=tmp_path,
+        grpc_port=0,
+        metrics_port=0,
+        event_log="kafka",
+        kafka_bootstrap_servers=kafka_bootstrap,
+        kafka_events_topic=topic,
+        kafka_events_partitions=2,
+        schema_registry_url=registry_url,
+        schema_registry_token=REGISTRY_TOKEN,
+        processor_group_id=f"test-prediction-host-{time.time_ns()}",
+        processor_session_timeout_ms=6000,
+    )
+    mesh = Mesh.open(settings)
+    port = await mesh.start(("ingestion", "prediction"))
+    credentials = mesh.ensure_dev_credentials()
+    write = (("authorization", f"Bearer {credentials['write_key']}"),)
+    try:
+        assert mesh.live_feed is not None and mesh.prediction is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = await pb_grpc.IngestionServiceStub(channel).IngestEvents(
+                pb.IngestEventsRequest(
+                    events=[tracked_event("page_view", event_id=f"p{i}") for i in range(40)]
+                ),
+                metadata=write,
+            )
+            assert response.accepted_count == 40
+        tenant = credentials["tenant_id"]
+        deadline = time.monotonic() + 60
+        while mesh.event_store.count(tenant) < 40:
+            assert time.monotonic() < deadline, mesh.event_store.count(tenant)
+            await asyncio.sleep(0.2)
+        while (opened := mesh.prediction.live.open_hour(tenant)) is None:
+            assert time.monotonic() < deadline, "the live check saw no batch"
+            await asyncio.sleep(0.2)
+        assert opened[1]["event_count"] > 0
+    finally:
+        await mesh.stop()
