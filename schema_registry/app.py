@@ -66,6 +66,9 @@ _MAX_BODY_BYTES: Final = 16 << 20
 _AUTH_CACHE_TTL_S: Final = 10.0
 _AUTH_CACHE_MAX: Final = 10_000
 _ID_CACHE_MAX: Final = 100_000
+# How long a process serves an id from memory: bounds how long another process on the same
+# storage keeps answering for an id that a permanent delete removed.
+_ID_CACHE_TTL_S: Final = 30.0
 
 T = TypeVar("T")
 
@@ -156,7 +159,7 @@ class RegistryApp:
         self.registry = registry
         self.authenticator = authenticator
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry")
-        self._id_cache: dict[int, bytes] = {}
+        self._id_cache: dict[int, tuple[float, bytes]] = {}  # id -> (expires at, body)
         self._auth_cache: dict[str, tuple[float, Principal | None]] = {}
         self.routes = self._build_routes()
 
@@ -198,7 +201,7 @@ class RegistryApp:
         if method == "GET":
             match = _ID_PATH.match(raw_path)
             if match is not None:
-                body = self._id_cache.get(int(match.group(1)))
+                body = self._cached_id(int(match.group(1)))
                 if body is not None:
                     if not principal.may(READ_SCOPES):
                         await self._forbidden(send, content_type)
@@ -397,15 +400,21 @@ class RegistryApp:
 
     async def schema_by_id(self, request: Request) -> Any:
         schema_id = self._schema_id(request)
-        cached = self._id_cache.get(schema_id)
+        cached = self._cached_id(schema_id)
         if cached is not None:
             return RawResponse(cached)
         stored = await self._call(self.registry.schema_by_id, schema_id)
         body = orjson.dumps(schema_json(stored))
         if len(self._id_cache) >= _ID_CACHE_MAX:
             self._id_cache.clear()
-        self._id_cache[schema_id] = body
+        self._id_cache[schema_id] = (time.monotonic() + _ID_CACHE_TTL_S, body)
         return RawResponse(body)
+
+    def _cached_id(self, schema_id: int) -> bytes | None:
+        entry = self._id_cache.get(schema_id)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
 
     async def schema_text_by_id(self, request: Request) -> Any:
         stored = await self._call(self.registry.schema_by_id, self._schema_id(request))
@@ -509,7 +518,8 @@ class RegistryApp:
     def _forget_ids(self, permanent: bool) -> None:
         # Content by id never changes, but a permanent delete can make an id unknown (40403).
         # Such deletes are rare operator actions, so this process simply starts its cache
-        # afresh; other processes keep serving the (still correct) content until restart.
+        # afresh; other processes on the same storage stop serving it when their entry
+        # expires (_ID_CACHE_TTL_S).
         if permanent:
             self._id_cache.clear()
 

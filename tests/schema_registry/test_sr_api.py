@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import httpx
 import pytest
+
+from schema_registry.app import create_app
+from schema_registry.auth import StaticTokenAuthenticator
+from schema_registry.settings import RegistrySettings
 
 pytestmark = pytest.mark.integration
 
@@ -630,3 +635,37 @@ async def test_permanent_delete_evicts_the_id_cache(client: httpx.AsyncClient) -
     assert (await client.get("/schemas/ids/1")).status_code == 200  # soft: still served
     await client.delete("/subjects/s?permanent=true")
     error(await client.get("/schemas/ids/1"), 404, 40403)
+
+
+async def test_another_process_stops_serving_a_permanently_deleted_id(
+    app: Any, storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two registry processes on one storage: the one that did not run the delete serves
+    the id from memory only until its cache entry expires."""
+    import schema_registry.app as registry_app
+    from tests.schema_registry.conftest import ADMIN_TOKEN, TOKENS
+
+    monkeypatch.setattr(registry_app, "_ID_CACHE_TTL_S", 0.3)
+    other = create_app(
+        RegistrySettings(storage=storage_url, storage_pool_size=2), StaticTokenAuthenticator(TOKENS)
+    )
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        async with (
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://a", headers=headers
+            ) as first,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=other), base_url="http://b", headers=headers
+            ) as second,
+        ):
+            schema_id = (await register(first, "s", USER_V1)).json()["id"]
+            assert (await second.get(f"/schemas/ids/{schema_id}")).status_code == 200  # cached
+            await first.delete("/subjects/s")
+            await first.delete("/subjects/s?permanent=true")
+            error(await first.get(f"/schemas/ids/{schema_id}"), 404, 40403)
+            assert (await second.get(f"/schemas/ids/{schema_id}")).status_code == 200  # memory
+            await asyncio.sleep(0.4)
+            error(await second.get(f"/schemas/ids/{schema_id}"), 404, 40403)
+    finally:
+        other.close()
