@@ -160,8 +160,10 @@ class Mesh:
         # Pinot; every other read stays on the store the processor fills (docs/streaming.md).
         metric_backend = for_settings(settings, event_store)
         aggregation.reads.read_raw_from(metric_backend)
-        dedup = DedupWindow(settings.dedup_window_seconds)
-        since = datetime.now(UTC) - timedelta(seconds=settings.dedup_window_seconds)
+        dedup = DedupWindow(
+            settings.dedup_window_seconds, tenant_windows=settings.dedup_window_by_tenant
+        )
+        since = datetime.now(UTC) - timedelta(seconds=dedup.keep_seconds)
         dedup.warm(list(event_store.event_ids_since(since)), time.time())
         # Shared by the replicas through Redis when settings.redis_url is set.
         rate_limiter = rate_limiter_for(settings)

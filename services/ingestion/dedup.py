@@ -1,5 +1,9 @@
 """Deduplication of client event ids inside a time window, per tenant.
 
+Ids are scoped by tenant (two tenants may use the same id). The window is the platform's
+(`dedup_window_seconds`, 24 h by default) unless the tenant has one of its own
+(`dedup_window_by_tenant`); ids stay in memory for the longest window in use.
+
 Ids are reserved while their batch is being committed and confirmed only after the
 commit, so a failed commit never makes a retry look like a duplicate. Memory is bounded
 by `max_ids` (about 100 B each): past it the oldest ids leave the window early, and
@@ -9,11 +13,20 @@ by `max_ids` (about 100 B each): past it the oldest ids leave the window early, 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 
 class DedupWindow:
-    def __init__(self, window_seconds: float, max_ids: int = 5_000_000) -> None:
+    def __init__(
+        self,
+        window_seconds: float,
+        max_ids: int = 5_000_000,
+        tenant_windows: Mapping[str, float] | None = None,
+    ) -> None:
         self.window_seconds = window_seconds
+        self.tenant_windows = dict(tenant_windows or {})
+        # How long an id must be remembered: the longest window of any tenant.
+        self.keep_seconds = max([window_seconds, *self.tenant_windows.values()])
         self.max_ids = max_ids
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # key -> accepted at
         self._pending: set[tuple[str, str]] = set()
@@ -23,7 +36,7 @@ class DedupWindow:
         return len(self._seen)
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.window_seconds
+        horizon = now - self.keep_seconds
         while self._seen:
             accepted_at = next(iter(self._seen.values()))
             if accepted_at >= horizon and len(self._seen) <= self.max_ids:
@@ -37,7 +50,10 @@ class DedupWindow:
         if key in self._pending:
             return True
         accepted_at = self._seen.get(key)
-        return accepted_at is not None and accepted_at >= now - self.window_seconds
+        return accepted_at is not None and accepted_at >= now - self.window_for(tenant_id)
+
+    def window_for(self, tenant_id: str) -> float:
+        return self.tenant_windows.get(tenant_id, self.window_seconds)
 
     def reserve(self, tenant_id: str, event_id: str) -> None:
         self._pending.add((tenant_id, event_id))

@@ -218,6 +218,27 @@ class PlatformSettings(BaseSettings):
     dedup_window_seconds: int = Field(
         86_400, ge=0, le=30 * 86_400, description="Dedup window on event_id (default 24 h)."
     )
+    dedup_window_by_tenant: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-tenant dedup windows in seconds overriding dedup_window_seconds, as "
+        'JSON: {"tenant-a": 3600, "tenant-b": 604800} (0 to 30 days each).',
+    )
+
+    @property
+    def longest_dedup_window_seconds(self) -> int:
+        return max([self.dedup_window_seconds, *self.dedup_window_by_tenant.values()])
+
+    @field_validator("dedup_window_by_tenant")
+    @classmethod
+    def _tenant_windows_in_range(cls, value: dict[str, int]) -> dict[str, int]:
+        for tenant_id, seconds in value.items():
+            if not tenant_id or not 0 <= seconds <= 30 * 86_400:
+                raise ValueError(
+                    f"dedup_window_by_tenant[{tenant_id!r}] = {seconds}: "
+                    "a tenant id and 0 to 2592000 seconds"
+                )
+        return value
+
     max_future_skew_seconds: int = Field(
         600, ge=0, le=86_400, description="How far ahead of the server clock events may be."
     )

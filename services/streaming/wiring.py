@@ -56,7 +56,9 @@ def processor_config(settings: PlatformSettings) -> ProcessorConfig:
         session_timeout_ms=settings.processor_session_timeout_ms,
         instance_id=settings.processor_instance_id,
         client_config=dict(settings.kafka_client_config),
-        dedup_window_seconds=settings.dedup_window_seconds,
+        # Topic duplicates are dropped within the longest window any tenant has: the
+        # per-tenant windows shorter than the platform's apply at ingestion only.
+        dedup_window_seconds=settings.longest_dedup_window_seconds,
     )
 
 

@@ -342,6 +342,10 @@ credentials come from the JWT issuer and the API key RPCs. */}}
   value: {{ $p.eventLog | quote }}
 - name: BILTEN_DEDUP_WINDOW_SECONDS
   value: {{ $p.dedupWindowSeconds | int | quote }}
+{{- with $p.dedupWindowByTenant }}
+- name: BILTEN_DEDUP_WINDOW_BY_TENANT
+  value: {{ toJson . | quote }}
+{{- end }}
 - name: BILTEN_MAX_FUTURE_SKEW_SECONDS
   value: {{ $p.maxFutureSkewSeconds | int | quote }}
 - name: BILTEN_RAW_RETENTION_DAYS
