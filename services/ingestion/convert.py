@@ -10,9 +10,12 @@ import orjson
 from bilten.analytics.ingestion.v1 import ingestion_service_pb2 as ingestion_pb2
 from bilten.analytics.type.v1 import tracked_event_pb2
 from google.protobuf import json_format
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from services.events.model import EventSource, TrackedEventType
+from services.ingestion import shape
 from services.ingestion.pipeline import IncomingEvent, IngestOutcome, IngestStatus
+from services.platform.errors import FieldViolation
 
 _EVENT_TYPES = {
     tracked_event_pb2.TRACKED_EVENT_TYPE_TRACK: TrackedEventType.TRACK,
@@ -98,12 +101,22 @@ class _RenderOriginal:
 
 
 def incoming_events(
-    events: Iterable[tracked_event_pb2.TrackedEvent], peer_ip: str, peer_user_agent: str
+    events: Iterable[tracked_event_pb2.TrackedEvent],
+    peer_ip: str,
+    peer_user_agent: str,
+    *,
+    shape_violations: dict[int, list[FieldViolation]] | None = None,
+    items_field: str = "events",
 ) -> list[IncomingEvent]:
     """`incoming_event` over a whole request in one pass: the same results, about half
     the cost per event (no per-field keyword call, sub-messages read once, and the
     common case of an event without properties or revenue takes no extra call).
-    tests/unit/test_ingestion_batch.py checks it against `incoming_event`."""
+    tests/unit/test_ingestion_batch.py checks it against `incoming_event`.
+
+    With `shape_violations`, also checks each event's shape rules (the proto's
+    `buf.validate` annotations, services/ingestion/shape.py) on the values this pass
+    reads anyway, and adds the violations of event i under key i, with paths
+    `<items_field>[i]...`, exactly as protovalidate reports them."""
     out: list[IncomingEvent] = []
     append = out.append
     from_timestamp = datetime.fromtimestamp
@@ -113,7 +126,13 @@ def incoming_events(
     api = EventSource.API
     dumps = orjson.dumps
     to_dict = json_format.MessageToDict
-    for event in events:
+    check = shape_violations is not None
+    defined_types = shape.DEFINED_EVENT_TYPES
+    defined_sources = shape.DEFINED_SOURCES
+    event_id_ok = shape.EVENT_ID_PATTERN
+    event_name_ok = shape.EVENT_NAME_PATTERN
+    ip_ok = shape.IP_ADDRESS_PATTERN
+    for index, event in enumerate(events):
         if event.HasField("occurred_at"):
             stamp = event.occurred_at
             occurred_at: datetime | None = from_timestamp(stamp.seconds + stamp.nanos / 1e9, utc)
@@ -132,30 +151,75 @@ def incoming_events(
             currency = money.currency_code
         client = event.client
         page = event.page
+        event_id = event.event_id
+        event_type = event.event_type
+        event_name = event.event_name
+        session_id = event.session_id
+        user_id = event.user_id
+        anonymous_id = event.anonymous_id
+        page_url, page_title, referrer = page.url, page.title, page.referrer
+        ticketed_event_id = ticketing.ticketed_event_id
+        campaign_id = ticketing.campaign_id
+        order_id = ticketing.order_id
+        quantity = ticketing.quantity
+        source = client.source
+        user_agent = client.user_agent
+        ip_address = client.ip_address
+        definition_version = event.definition_version
+        # The rules of shape.event_violations as one short-circuiting test; only an
+        # event that fails it pays for the exact list of violations.
+        if check and not (
+            (user_id or anonymous_id)
+            and len(event_id) <= 64
+            and event_id_ok(event_id)
+            and event_type in defined_types
+            and len(event_name) <= 128
+            and event_name_ok(event_name)
+            and len(session_id) <= 128
+            and len(user_id) <= 128
+            and len(anonymous_id) <= 128
+            and len(page_url) <= 2048
+            and len(page_title) <= 512
+            and len(referrer) <= 2048
+            and len(ticketed_event_id) <= 64
+            and len(campaign_id) <= 64
+            and len(order_id) <= 64
+            and 0 <= quantity <= 10000
+            and source in defined_sources
+            and len(user_agent) <= 1024
+            and len(ip_address) <= 45
+            and ip_ok(ip_address)
+            and len(client.locale) <= 35
+            and definition_version >= 0
+        ):
+            found = shape.event_violations(event, f"{items_field}[{index}]")
+            if found:
+                assert shape_violations is not None
+                shape_violations.setdefault(index, []).extend(found)
         append(
             IncomingEvent(
-                event.event_id,
-                event_types(event.event_type),
-                event.event_name,
+                event_id,
+                event_types(event_type),
+                event_name,
                 occurred_at,
-                event.session_id,
-                event.user_id,
-                event.anonymous_id,
-                page.url,
-                page.title,
-                page.referrer,
-                ticketing.ticketed_event_id,
-                ticketing.campaign_id,
-                ticketing.order_id,
-                ticketing.quantity,
+                session_id,
+                user_id,
+                anonymous_id,
+                page_url,
+                page_title,
+                referrer,
+                ticketed_event_id,
+                campaign_id,
+                order_id,
+                quantity,
                 revenue,
                 currency,
-                sources(client.source, api),
-                client.user_agent or peer_user_agent,
-                client.ip_address or peer_ip,
+                sources(source, api),
+                user_agent or peer_user_agent,
+                ip_address or peer_ip,
                 properties_json,
                 property_count,
-                event.definition_version,
+                definition_version,
                 event.ByteSize(),
                 _RenderOriginal(event),
             )
@@ -173,6 +237,22 @@ def ingest_results(outcomes: Iterable[IngestOutcome]) -> list[ingestion_pb2.Inge
         else ingest_result(o)
         for o in outcomes
     ]
+
+
+def add_ingest_results(
+    results: RepeatedCompositeFieldContainer[ingestion_pb2.IngestResult],
+    outcomes: Iterable[IngestOutcome],
+) -> None:
+    """Appends `ingest_result` of each outcome to a response's `results`, built in place
+    (`results.add`): a list of results passed to the response's constructor is built,
+    then copied into it, ~0.6 µs per event more."""
+    add = results.add
+    statuses = _STATUSES
+    for o in outcomes:
+        if o.rejection_reason is None:
+            add(event_id=o.event_id, status=statuses[o.status])
+        else:
+            add().CopyFrom(ingest_result(o))
 
 
 def event_from_json(text: str) -> tracked_event_pb2.TrackedEvent:

@@ -74,10 +74,23 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         events: Sequence[tracked_event_pb2.TrackedEvent],
         context: grpc.aio.ServicerContext[Any, Any],
         item_violations: dict[int, list[FieldViolation]],
+        check_shape: bool = False,
     ) -> list[IngestOutcome]:
+        """`check_shape`: the edge left the items' shape rules to this call
+        (grpc_edge.ITEMS_VALIDATED_BY_SERVICER); they are checked during the conversion.
+        Violations the edge did report for an item (same rules, same result) win."""
         ip, user_agent = _peer(context)
         caller = principal()
-        incoming = convert.incoming_events(events, ip, user_agent)
+        if check_shape:
+            shape_violations: dict[int, list[FieldViolation]] = {}
+            incoming = convert.incoming_events(
+                events, ip, user_agent, shape_violations=shape_violations, items_field="events"
+            )
+            if item_violations:
+                shape_violations.update(item_violations)
+            item_violations = shape_violations
+        else:
+            incoming = convert.incoming_events(events, ip, user_agent)
         return await self._pipeline.ingest(
             caller.tenant_id, caller.subject, incoming, "events", item_violations
         )
@@ -134,7 +147,9 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
     async def IngestEvents(
         self, request: pb.IngestEventsRequest, context: Any
     ) -> pb.IngestEventsResponse:
-        outcomes = await self._ingest_batch(request.events, context, current_item_violations.get())
+        outcomes = await self._ingest_batch(
+            request.events, context, current_item_violations.get(), check_shape=True
+        )
         # Counted in Python and set once: `+= 1` on a proto field is a call per event.
         accepted = duplicates = 0
         for outcome in outcomes:
@@ -142,12 +157,13 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
                 accepted += 1
             elif outcome.status is IngestStatus.DUPLICATE:
                 duplicates += 1
-        return pb.IngestEventsResponse(
-            results=convert.ingest_results(outcomes),
+        response = pb.IngestEventsResponse(
             accepted_count=accepted,
             duplicate_count=duplicates,
             rejected_count=len(outcomes) - accepted - duplicates,
         )
+        convert.add_ingest_results(response.results, outcomes)
+        return response
 
     async def UploadEvents(
         self, request_iterator: AsyncIterator[pb.UploadEventsRequest], context: Any
@@ -155,7 +171,7 @@ class IngestionServicer(pb_grpc.IngestionServiceServicer):
         response = pb.UploadEventsResponse()
         async for chunk in request_iterator:
             outcomes = await self._ingest_batch(
-                chunk.events, context, current_item_violations.get()
+                chunk.events, context, current_item_violations.get(), check_shape=True
             )
             for outcome in outcomes:
                 if outcome.status is IngestStatus.ACCEPTED:

@@ -247,6 +247,16 @@ def _actor_ids(table: pa.Table) -> pa.Array:
     )
 
 
+def _has_order_actors(rows: pa.Table) -> bool:
+    """Whether any row has an order id and an actor key, i.e. whether the order-owner
+    insert of `DuckDBEventStore._commit` has anything to add (same predicate as its
+    WHERE clause, evaluated in Arrow)."""
+    qualifying = pc.and_(
+        pc.not_equal(rows.column("order_id"), ""), pc.is_valid(rows.column("actor_key"))
+    )
+    return bool(pc.any(qualifying).as_py())
+
+
 class DuckDBEventStore:
     """`EventStore` on one DuckDB file; thread-safe; one instance per process and file."""
 
@@ -581,12 +591,15 @@ class DuckDBEventStore:
                 cursor.register("_bilten_actors", new_actors)
                 cursor.execute(f"INSERT INTO {ACTORS_TABLE} BY NAME SELECT * FROM _bilten_actors")
             # Set-based, in the commit of the rows: an acknowledged order is always
-            # findable by its actor when an erasure asks (module docstring).
-            cursor.execute(
-                f"INSERT INTO {ORDER_ACTORS_TABLE} SELECT DISTINCT tenant_id, order_id,"
-                " actor_key FROM _bilten_batch WHERE order_id <> '' AND actor_key IS NOT NULL"
-                " ON CONFLICT DO NOTHING"
-            )
+            # findable by its actor when an erasure asks (module docstring). Skipped when
+            # no row qualifies (most batches carry no order id): the statement costs
+            # ~3 ms of CPU even when it inserts nothing.
+            if _has_order_actors(rows):
+                cursor.execute(
+                    f"INSERT INTO {ORDER_ACTORS_TABLE} SELECT DISTINCT tenant_id, order_id,"
+                    " actor_key FROM _bilten_batch WHERE order_id <> ''"
+                    " AND actor_key IS NOT NULL ON CONFLICT DO NOTHING"
+                )
             cursor.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(duckdb.Error):

@@ -324,3 +324,15 @@ def test_an_older_file_gets_the_order_owners_from_its_raw_rows(tmp_path: Path) -
         assert store.subject_order_ids("acme", "ann") == ["o-1"]
     with DuckDBEventStore(path) as store:  # filled once, not again
         assert len(_owners(store)) == 2
+
+
+def test_the_order_owner_insert_runs_only_when_a_row_qualifies(tmp_path: Path) -> None:
+    # The commit skips the order-owner statement when no row has both an order id and an
+    # actor; the table must end up exactly as if it always ran.
+    with DuckDBEventStore(tmp_path / "events.duckdb") as store:
+        store.append([event("1", user_id="ann"), event("2", user_id="", order_id="o-1")])
+        assert _owners(store) == []
+        store.append([event("3", user_id="bob"), event("4", user_id="ann", order_id="o-2")])
+        assert _owners(store) == [("acme", "o-2", 0)]
+        store.append([event("5", user_id="ann", order_id="o-2")])  # known pair
+        assert _owners(store) == [("acme", "o-2", 0)]

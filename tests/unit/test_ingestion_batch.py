@@ -2,7 +2,7 @@
 
 - `convert.incoming_events` (one pass over a request) against `convert.incoming_event`
   (the per-event reference), on generated protos;
-- `convert.ingest_results` against `convert.ingest_result`;
+- `convert.ingest_results` and `convert.add_ingest_results` against `convert.ingest_result`;
 - one pipeline call over a batch against one call per event: same statuses, reasons,
   messages, field paths (up to the item prefix), same stored rows and quarantine;
 - the per-batch time window against the per-event formula it replaced;
@@ -132,6 +132,9 @@ def outcomes(draw: st.DrawFn) -> IngestOutcome:
 @given(st.lists(outcomes(), max_size=10))
 def test_batched_results_equal_the_per_outcome_results(found: list[IngestOutcome]) -> None:
     assert convert.ingest_results(found) == [convert.ingest_result(o) for o in found]
+    response = ingestion_pb2.IngestEventsResponse()
+    convert.add_ingest_results(response.results, found)
+    assert list(response.results) == [convert.ingest_result(o) for o in found]
 
 
 class _Log:
