@@ -36,6 +36,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,10 @@ from services.streaming.topics import TopicLayout, TopicLayoutError, ensure_topi
 log = structlog.get_logger("bilten.streaming.kafka_log")
 
 # Batches this large are encoded and handed to librdkafka in a worker thread, so the
-# event loop keeps serving other RPCs meanwhile (~5 µs per event).
+# event loop keeps serving other RPCs meanwhile (~5 µs per event). ONE thread: batches
+# encoded side by side only fight over the GIL (measured with 8 batches in flight:
+# 33 µs of process CPU per event with the default pool, ~23 µs with one encoder); the
+# broker round trips of the batches still overlap.
 _THREAD_THRESHOLD = 200
 
 
@@ -160,6 +164,7 @@ class KafkaEventLog:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._ready_lock = asyncio.Lock()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-encode")
         self.pending_events = 0
         self.acknowledged_events = 0
         self.failed_events = 0
@@ -236,6 +241,7 @@ class KafkaEventLog:
                 producer.purge(in_queue=True, in_flight=True)
                 await asyncio.to_thread(producer.flush, 1.0)  # serves the purge callbacks
         self._stop.set()
+        self._encoder.shutdown(wait=False)
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join, 5)
             if not self._poller.is_alive():
@@ -337,7 +343,7 @@ class KafkaEventLog:
         self.pending_events += count
         try:
             if count >= _THREAD_THRESHOLD or self.pii is not None:
-                await asyncio.to_thread(self._produce, events, schema_id, ack)
+                await loop.run_in_executor(self._encoder, self._produce, events, schema_id, ack)
             else:
                 self._produce(events, schema_id, ack)
         except EnvelopeError as exc:
