@@ -43,7 +43,7 @@ import structlog
 
 from services.events.model import TrackedEvent
 from services.platform.errors import FieldViolation, invalid_request
-from services.prediction.anomaly import DetectorConfig, SeasonalDetector, Severity
+from services.prediction.anomaly import Detection, DetectorConfig, SeasonalDetector, Severity
 from services.prediction.registry import invalid_page_token
 from services.storage.event_store import TABLE, EventStore
 
@@ -140,6 +140,31 @@ class ThresholdRule:
             source="threshold",
             rule_id=self.rule_id,
         )
+
+
+def _detector_alert(
+    tenant_id: str,
+    metric: str,
+    when: datetime,
+    value: float,
+    detection: Detection,
+    severity: Severity,
+    source: str,
+) -> Alert:
+    """The alert for an anomalous detection (`severity`: the detection's, known set)."""
+    return Alert(
+        alert_id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        metric_name=metric,
+        time=when,
+        observed=value,
+        expected=detection.expected,
+        expected_lower=detection.lower,
+        expected_upper=detection.upper,
+        score=detection.score,
+        severity=severity,
+        source=source,
+    )
 
 
 def new_rule(
@@ -475,18 +500,8 @@ class AnomalyMonitor:
                 ):
                     self._live_raised.add(key)
                     raised.append(
-                        Alert(
-                            alert_id=uuid.uuid4().hex,
-                            tenant_id=tenant_id,
-                            metric_name=metric,
-                            time=hour,
-                            observed=value,
-                            expected=detection.expected,
-                            expected_lower=detection.lower,
-                            expected_upper=detection.upper,
-                            score=detection.score,
-                            severity=detection.severity,
-                            source="live",
+                        _detector_alert(
+                            tenant_id, metric, hour, value, detection, detection.severity, "live"
                         )
                     )
                 for rule in rules:
@@ -519,18 +534,8 @@ class AnomalyMonitor:
         live = (tenant_id, metric, when, "") in self._live_raised
         if detection.anomalous and detection.severity is not None and not live:
             out.append(
-                Alert(
-                    alert_id=uuid.uuid4().hex,
-                    tenant_id=tenant_id,
-                    metric_name=metric,
-                    time=when,
-                    observed=value,
-                    expected=detection.expected,
-                    expected_lower=detection.lower,
-                    expected_upper=detection.upper,
-                    score=detection.score,
-                    severity=detection.severity,
-                    source="detector",
+                _detector_alert(
+                    tenant_id, metric, when, value, detection, detection.severity, "detector"
                 )
             )
         for rule in rules:

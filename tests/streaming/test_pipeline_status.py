@@ -38,13 +38,12 @@ async def test_embedded_event_log_reports_no_lag(tmp_path: Path) -> None:
     assert status.total_lag == 0 and not status.partitions
 
 
-@pytest.mark.kafka
-async def test_kafka_shape_in_one_process_reports_lag_and_serves_queries(
-    kafka_bootstrap: str, registry_url: str, tmp_path: Path
-) -> None:
-    topic = f"test.oneprocess.{time.time_ns()}"
-    settings = PlatformSettings(
-        data_dir=tmp_path,
+def kafka_settings(
+    data_dir: Path, kafka_bootstrap: str, registry_url: str, topic: str
+) -> PlatformSettings:
+    """One process on the Kafka event log: its own topic (2 partitions) and group."""
+    return PlatformSettings(
+        data_dir=data_dir,
         grpc_port=0,
         metrics_port=0,
         event_log="kafka",
@@ -53,9 +52,17 @@ async def test_kafka_shape_in_one_process_reports_lag_and_serves_queries(
         kafka_events_partitions=2,
         schema_registry_url=registry_url,
         schema_registry_token=REGISTRY_TOKEN,
-        processor_group_id=f"test-oneprocess-{time.time_ns()}",
+        processor_group_id=f"group-{topic}",
         processor_session_timeout_ms=6000,
     )
+
+
+@pytest.mark.kafka
+async def test_kafka_shape_in_one_process_reports_lag_and_serves_queries(
+    kafka_bootstrap: str, registry_url: str, tmp_path: Path
+) -> None:
+    topic = f"test.oneprocess.{time.time_ns()}"
+    settings = kafka_settings(tmp_path, kafka_bootstrap, registry_url, topic)
     mesh = Mesh.open(settings)
     port = await mesh.start(("ingestion", "query"))  # query hosts the processor
     credentials = mesh.ensure_dev_credentials()
@@ -107,19 +114,8 @@ async def test_a_prediction_process_fills_its_own_store_and_checks_live_batches(
 ) -> None:
     """Cluster shape: prediction is a stream-processor host (it reads the store), and its
     live anomaly check is fed from its own processor when no aggregation runtime runs."""
-    topic = f"test.prediction-host.{time.time_ns()}"
-    settings = PlatformSettings(
-        data_dir=tmp_path,
-        grpc_port=0,
-        metrics_port=0,
-        event_log="kafka",
-        kafka_bootstrap_servers=kafka_bootstrap,
-        kafka_events_topic=topic,
-        kafka_events_partitions=2,
-        schema_registry_url=registry_url,
-        schema_registry_token=REGISTRY_TOKEN,
-        processor_group_id=f"test-prediction-host-{time.time_ns()}",
-        processor_session_timeout_ms=6000,
+    settings = kafka_settings(
+        tmp_path, kafka_bootstrap, registry_url, f"test.prediction-host.{time.time_ns()}"
     )
     mesh = Mesh.open(settings)
     port = await mesh.start(("ingestion", "prediction"))
