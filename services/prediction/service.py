@@ -188,26 +188,26 @@ class PredictionService:
 
     async def retrain_due(self) -> list[ModelRecord]:
         """The scheduled job: retrains every kind whose newest version is older than
-        the interval, for every tenant with events. Returns the finished versions."""
+        the interval, for every tenant with events and the platform's forecasts.
+        Returns the finished versions."""
         interval = timedelta(hours=self.settings.retrain_interval_hours or 24)
         done: list[ModelRecord] = []
         tenants = await asyncio.to_thread(self._tenants_with_events)
-        for tenant_id in tenants:
-            for kind in ModelKind:
-                newest, _ = self.registry.page(tenant_id, kind, 1, "")
-                if newest and datetime.now(UTC) - newest[0].created_at < interval:
-                    continue
-                try:
-                    await asyncio.to_thread(self.precheck, tenant_id, kind)
-                except AnalyticsError as error:
-                    log.info(
-                        "scheduled_training_skipped",
-                        tenant_id=tenant_id,
-                        kind=kind.value,
-                        reason=error.message,
-                    )
-                    continue
-                done.append(await self.train(tenant_id, kind, scheduled=True))
+        for tenant_id, kind in scheduled_scopes(tenants):
+            newest, _ = self.registry.page(tenant_id, kind, 1, "")
+            if newest and datetime.now(UTC) - newest[0].created_at < interval:
+                continue
+            try:
+                await asyncio.to_thread(self.precheck, tenant_id, kind)
+            except AnalyticsError as error:
+                log.info(
+                    "scheduled_training_skipped",
+                    tenant_id=tenant_id,
+                    kind=kind.value,
+                    reason=error.message,
+                )
+                continue
+            done.append(await self.train(tenant_id, kind, scheduled=True))
         return done
 
     def _tenants_with_events(self) -> list[str]:
@@ -652,3 +652,17 @@ class PredictionService:
             raise AnalyticsError(
                 StatusCode.NOT_FOUND, "NOT_FOUND", f"threshold rule {rule_id!r} not found"
             )
+
+
+# Platform-wide models the schedule keeps fresh: only forecasts exist for the platform
+# (churn and anomaly models are per tenant).
+PLATFORM_SCHEDULED_KINDS = (ModelKind.DEMAND_FORECAST, ModelKind.REVENUE_FORECAST)
+
+
+def scheduled_scopes(tenants: list[str]) -> list[tuple[str, ModelKind]]:
+    """(tenant or PLATFORM, kind) pairs the retraining schedule considers, in order:
+    every kind for every tenant with events, then the platform's forecasts."""
+    scopes = [(tenant_id, kind) for tenant_id in tenants for kind in ModelKind]
+    if tenants:
+        scopes += [(PLATFORM, kind) for kind in PLATFORM_SCHEDULED_KINDS]
+    return scopes

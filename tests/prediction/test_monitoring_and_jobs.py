@@ -18,8 +18,8 @@ from services.live.alerts import AlertsHub, LiveAlert
 from services.prediction import anomaly, jobs
 from services.prediction.alerts import Alert, ThresholdRule
 from services.prediction.anomaly import Severity
-from services.prediction.registry import ModelKind, ModelState
-from services.prediction.service import PredictionService, PredictionSettings
+from services.prediction.registry import PLATFORM, ModelKind, ModelState
+from services.prediction.service import PredictionService, PredictionSettings, scheduled_scopes
 from services.prediction.synthetic import SyntheticTenant, generate
 from services.storage.event_store import TABLE, DuckDBEventStore
 
@@ -290,3 +290,13 @@ def test_jobs_cli_schedule_list_and_threshold_rules(
     assert jobs.main([*base, "rules", "delete", "--tenant", SPEC.tenant_id, "sales"]) == 0
     assert jobs.main([*base, "rules", "list", "--tenant", SPEC.tenant_id]) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_the_schedule_covers_every_tenant_kind_and_the_platform_forecasts() -> None:
+    scopes = scheduled_scopes(["t1", "t2"])
+    assert scopes[: 2 * len(ModelKind)] == [(t, kind) for t in ("t1", "t2") for kind in ModelKind]
+    assert scopes[2 * len(ModelKind) :] == [
+        (PLATFORM, ModelKind.DEMAND_FORECAST),
+        (PLATFORM, ModelKind.REVENUE_FORECAST),
+    ]
+    assert scheduled_scopes([]) == []  # no events anywhere: nothing to train
