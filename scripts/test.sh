@@ -20,6 +20,7 @@ trap cleanup EXIT
 
 echo "== static checks"
 $BIN/ruff check services schema_registry tests scripts
+$BIN/ruff format --check services schema_registry tests scripts docs
 $BIN/mypy
 $BIN/python scripts/proto.py check
 $BIN/python scripts/proto.py lint
