@@ -150,11 +150,20 @@ def test_processor_killed_with_sigkill_mid_stream_stores_each_event_exactly_once
         assert acknowledged == total
         process = spawn("processor", env, log_path)
         try:
-            wait_for(
-                lambda: committed(admin, group, topic) >= total or process.poll() is not None,
-                timeout=240,
-                what="the restarted processor to catch up",
-            )
+            try:
+                wait_for(
+                    lambda: committed(admin, group, topic) >= total or process.poll() is not None,
+                    timeout=240,
+                    what="the restarted processor to catch up",
+                )
+            except AssertionError as timed_out:
+                # What the process was doing: its log, and the group's committed offsets.
+                lag = [
+                    (p.partition, p.committed_offset) for p in read_group_lag(admin, group, topic)
+                ]
+                raise AssertionError(
+                    f"{timed_out}; committed {lag}; log:\n{log_path.read_text()[-6000:]}"
+                ) from None
             assert process.poll() is None, log_path.read_text()[-3000:]
         finally:
             process.send_signal(signal.SIGTERM)
