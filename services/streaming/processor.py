@@ -447,7 +447,7 @@ class _Member:
     # --- rebalance callbacks --------------------------------------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        from confluent_kafka import OFFSET_BEGINNING
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         stored = self.processor.store.stream_offsets(self.config.topic)
         for tp in partitions:
@@ -456,6 +456,19 @@ class _Member:
             self.accept_from[tp.partition] = offset if offset is not None else 0
             tp.offset = offset if offset is not None else OFFSET_BEGINNING
         consumer.incremental_assign(partitions)
+        # Kafka's committed offsets only mirror the store's (for lag figures); a crash
+        # between a store commit and its Kafka commit leaves Kafka behind, and with no
+        # new records on the partition it would stay behind. Mirror them now.
+        known = [
+            TopicPartition(self.config.topic, tp.partition, stored[tp.partition])
+            for tp in partitions
+            if tp.partition in stored
+        ]
+        if known:
+            try:
+                consumer.commit(offsets=known, asynchronous=True)
+            except Exception as exc:  # only the lag figure depends on it
+                log.warning("kafka_offset_commit_failed", error=str(exc))
         if self.paused:
             consumer.pause(partitions)
         log.info(

@@ -20,7 +20,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from services.storage.event_store import DuckDBEventStore, events_to_table
+from services.storage.event_store import DuckDBEventStore, StreamOffset, events_to_table
 from services.streaming import avro_envelope as envelope
 from services.streaming.codec import encode_table
 from services.streaming.live import LiveFeed
@@ -380,3 +380,32 @@ async def test_lag_is_exported_and_read_from_kafka_and_the_live_feed_gets_commit
             processor.stop()
     assert sum(p.end_offset for p in after) == 500
     assert all(p.committed_offset == p.end_offset for p in after)
+
+
+def test_kafka_offsets_catch_up_with_the_store_at_assignment(
+    kafka_bootstrap: str, registry_url: str, topics: Callable[..., TopicLayout], tmp_path: Path
+) -> None:
+    """A crash between a store commit and its Kafka commit leaves Kafka behind; with no
+    new records nothing would ever move it. The store's offsets are mirrored on assign."""
+    layout = topics(partitions=1)
+    schema_id = envelope_id(registry_url, layout.events.name)
+    events = [event(i) for i in range(10)]
+    produce(kafka_bootstrap, layout.events.name, framed(events, schema_id))
+    group = f"test-processor-{uuid.uuid4().hex[:8]}"
+    with DuckDBEventStore(tmp_path / "events.duckdb") as store:
+        # As if a processor stored all ten and died before committing to Kafka.
+        store.append_table(events_to_table(events), [StreamOffset(layout.events.name, 0, None, 10)])
+        processor = processor_for(kafka_bootstrap, layout, registry_url, store, group=group)
+        processor.start()
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        try:
+            wait_for(
+                lambda: (
+                    [p.committed_offset for p in read_group_lag(admin, group, layout.events.name)]
+                    == [10]
+                ),
+                what="Kafka's committed offset to reach the store's",
+            )
+        finally:
+            processor.stop()
+        assert len(stored_ids(store)) == 10  # nothing read again
