@@ -405,6 +405,9 @@ class _TenantState:
     detectors: dict[str, SeasonalDetector]
     watermark: datetime  # hours before this one have been observed
     config: DetectorConfig
+    # Whether the tenant has had an event yet. Hours before its first one are not
+    # history: 28 days of zeros would make a new organizer's first events "critical".
+    active: bool = False
 
 
 @dataclass
@@ -435,11 +438,13 @@ class AnomalyMonitor:
         if state is None or state.config != config:
             start = now_hour - WARMUP
             history = hourly_metrics(self.store, tenant_id, start, now_hour - HOUR)
-            detectors = {name: SeasonalDetector(config) for name in METRICS}
+            detectors = {name: SeasonalDetector(config, counts=True) for name in METRICS}
+            active = np.flatnonzero(history["event_count"])
+            first = int(active[0]) if active.size else len(history["event_count"])
             for name, values in history.items():
-                for value in values:
+                for value in values[first:]:
                     detectors[name].observe(float(value))  # warm-up: never alerts
-            state = _TenantState(detectors, now_hour - HOUR, config)
+            state = _TenantState(detectors, now_hour - HOUR, config, bool(active.size))
             self._state[tenant_id] = state
         return state
 
@@ -458,6 +463,7 @@ class AnomalyMonitor:
         raised: list[Alert] = []
         for offset in range(len(values[METRICS[0]])):
             when = state.watermark + offset * HOUR
+            state.active = state.active or bool(values["event_count"][offset])
             for name in METRICS:
                 raised += self._observe(
                     tenant_id, state, name, when, float(values[name][offset]), rules
@@ -528,8 +534,10 @@ class AnomalyMonitor:
         value: float,
         rules: list[ThresholdRule],
     ) -> list[Alert]:
-        detector = state.detectors.setdefault(metric, SeasonalDetector(state.config))
-        detection = detector.observe(value)
+        detector = state.detectors.setdefault(metric, SeasonalDetector(state.config, counts=True))
+        # Before the tenant's first event the detector learns nothing (see `active`);
+        # threshold rules still apply.
+        detection = detector.observe(value) if state.active else detector.assess(value)
         out: list[Alert] = []
         live = (tenant_id, metric, when, "") in self._live_raised
         if detection.anomalous and detection.severity is not None and not live:
@@ -546,13 +554,6 @@ class AnomalyMonitor:
                 if alert is not None:
                     out.append(alert)
         return out
-
-    def observe(self, tenant_id: str, metric: str, when: datetime, value: float) -> list[Alert]:
-        """One value from another live source; the caller stores/publishes via `emit`."""
-        with self._lock:
-            state = self._state_for(tenant_id, floor_hour(when) + HOUR)
-            rules = self.alerts.rules(tenant_id)
-            return self._observe(tenant_id, state, metric, when, value, rules)
 
     async def emit(self, alerts: list[Alert]) -> None:
         if not alerts:

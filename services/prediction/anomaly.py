@@ -7,7 +7,11 @@ history, so it runs on live metrics as they close:
   slow trend does not read as an anomaly. Medians, not means: one past outlier does
   not move the expectation;
 - scale = 1.4826 x the median absolute residual over the last `scale_window` points
-  (a robust standard deviation), floored so a flat series does not divide by zero;
+  (a robust standard deviation), floored so a flat series does not divide by zero.
+  A detector of counts (`counts=True`: events, tickets, users per hour) is floored at
+  the Poisson standard deviation sqrt(max(expected, 1)) too: a phase that was always
+  zero (the night of a small organizer) has no spread to measure, and one event in it
+  is noise, not a critical anomaly;
 - score = |observed - expected| / scale; an anomaly when score > `threshold`,
   `critical` severity past twice the threshold; the expected range is
   expected ± threshold x scale;
@@ -90,8 +94,9 @@ class Detection:
 class SeasonalDetector:
     """One metric's streaming detector (see the module docstring)."""
 
-    def __init__(self, config: DetectorConfig) -> None:
+    def __init__(self, config: DetectorConfig, *, counts: bool = False) -> None:
         self.config = config
+        self.counts = counts
         self._history: deque[float] = deque(maxlen=config.period * config.seasons + 1)
         self._residuals: deque[float] = deque(maxlen=config.scale_window)
         self._recent: deque[float] = deque(maxlen=config.level_window)
@@ -124,6 +129,8 @@ class SeasonalDetector:
         expected = base + level
         mad = float(np.median(np.abs(np.asarray(self._residuals)))) if self._residuals else 0.0
         scale = max(1.4826 * mad, 1e-3 * (1 + abs(expected)))
+        if self.counts:
+            scale = max(scale, float(np.sqrt(max(expected, 1.0))))
         threshold = self.config.threshold
         score = abs(value - expected) / scale
         lower, upper = expected - threshold * scale, expected + threshold * scale

@@ -187,6 +187,77 @@ def test_normal_live_batches_raise_nothing(
         asyncio.run(svc.aclose())
 
 
+def _events(rows: pa.Table, tenant_id: str, at: datetime, n: int) -> pa.Table:
+    """`n` copies of the first stored row, for `tenant_id` at `at`, with fresh ids."""
+    one = rows.slice(0, 1)
+    out = copies(one, n)
+    tenants = pa.array([tenant_id] * n, out.schema.field("tenant_id").type)
+    times = pa.array([at] * n, out.schema.field("occurred_at").type)
+    out = out.set_column(out.schema.get_field_index("tenant_id"), "tenant_id", tenants)
+    return out.set_column(out.schema.get_field_index("occurred_at"), "occurred_at", times)
+
+
+def test_a_new_tenants_first_events_are_not_an_anomaly_but_its_rules_apply(
+    spiked: tuple[DuckDBEventStore, float], tmp_path: Path
+) -> None:
+    """28 days without events is no history: before the fix, a new organizer's first
+    events were a critical `event_count` anomaly (expected 0, no spread), live and at
+    the hour's close. A threshold rule of the new tenant still fires."""
+    template = hour_rows(spiked[0], LAST_HOUR)
+    store = DuckDBEventStore(tmp_path / "new-tenant.duckdb")  # the module's store stays as it is
+    svc = PredictionService(store, tmp_path, settings=SETTINGS)
+    tenant = f"new-{uuid.uuid4().hex[:8]}"
+    svc.alerts.put_rule(
+        ThresholdRule("first-sales", tenant, "event_count", None, 10, Severity.WARNING)
+    )
+    try:
+        rows = _events(template, tenant, LAST_HOUR + timedelta(minutes=5), 40)
+        store.append_table(rows)
+        svc.live.observe_rows(rows)
+        live = asyncio.run(svc.live.check(LAST_HOUR + timedelta(minutes=20)))
+        closed = asyncio.run(svc.monitor.run_once(SPEC.end))
+        raised = live + [a for a in closed if a.tenant_id == tenant]
+        assert [a for a in raised if a.source != "threshold"] == []
+        assert [(a.rule_id, a.observed) for a in raised] == [("first-sales", 40.0)]
+    finally:
+        asyncio.run(svc.aclose())
+        store.close()
+
+
+def test_a_lone_event_in_a_quiet_phase_is_noise_and_a_burst_is_not(
+    spiked: tuple[DuckDBEventStore, float], tmp_path: Path
+) -> None:
+    """A tenant active for 40 days, only ever between 10:00 and 11:00: its other hours
+    are all zero, so their spread is zero. One event at 03:00 is Poisson noise (the
+    count floor); 30 are an anomaly."""
+    template = hour_rows(spiked[0], LAST_HOUR)
+    store = DuckDBEventStore(tmp_path / "quiet.duckdb")
+    verdicts = {}
+    for n in (1, 30):
+        tenant = f"quiet-{n}-{uuid.uuid4().hex[:8]}"
+        start = SPEC.end.replace(hour=0) - timedelta(days=40)
+        for day in range(40):
+            store.append_table(
+                _events(template, tenant, start + timedelta(days=day, hours=10, minutes=7), 20)
+            )
+        night = (
+            SPEC.end.replace(hour=3)
+            if SPEC.end.hour > 4
+            else SPEC.end.replace(hour=3) - timedelta(days=1)
+        )
+        store.append_table(_events(template, tenant, night + timedelta(minutes=2), n))
+        svc = PredictionService(store, tmp_path / tenant, settings=SETTINGS)
+        try:
+            svc.monitor.step(tenant, night)  # the detector is positioned on 03:00
+            raised = svc.monitor.step(tenant, night + timedelta(hours=1))
+            verdicts[n] = sorted(a.metric_name for a in raised if a.source == "detector")
+        finally:
+            asyncio.run(svc.aclose())
+    store.close()
+    assert verdicts[1] == []
+    assert "event_count" in verdicts[30]
+
+
 def weekly_traffic(weeks: int, seed: int) -> np.ndarray:
     """Hourly counts: a daily cycle, and weekends three times as busy as weekdays."""
     rng = np.random.default_rng(seed)
