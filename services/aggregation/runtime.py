@@ -213,6 +213,11 @@ class AggregationRuntime:
             "Open live metric streams of this process",
             lambda: self.live.subscriber_count,
         )
+        observe_gauge(
+            "bilten_alert_subscribers",
+            "Open alert streams of this process",
+            lambda: self.alerts.subscriber_count,
+        )
 
     async def _maintain(self, maintainer: RollupMaintainer) -> None:
         """Rolls up new events every few seconds and prunes expired tiers hourly."""

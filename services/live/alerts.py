@@ -159,6 +159,11 @@ class AlertsHub:
 
         return Subscription(mailbox, unregister)
 
+    @property
+    def subscriber_count(self) -> int:
+        """Open alert streams of this process (the `bilten_alert_subscribers` gauge)."""
+        return sum(len(mailboxes) for mailboxes in self._subscribers.values())
+
     def close(self) -> None:
         """Ends every subscription (server shutdown)."""
         for mailboxes in self._subscribers.values():

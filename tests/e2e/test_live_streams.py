@@ -185,7 +185,9 @@ def check_websocket_ticketed_event_and_alerts_with_a_query_token(
         ) as alerts,
     ):
         assert int(json.loads(concert.recv(timeout=10))["data"]["ticketsSoldToday"]) == 0
-        time.sleep(0.3)  # the alerts subscription is open on the server
+        # The rule alerts once per hour: the conversion must come after the server
+        # subscribed this stream, which its gauge tells (a fixed sleep raced under load).
+        _wait_for_gauge(live_system, "bilten_alert_subscribers", at_least=1)
         _conversion(live_system, 7, 70, ticketed="concert-e2e")  # passes the rule's 5
         while int((update := json.loads(concert.recv(timeout=10)))["data"]["ticketsSoldToday"]) < 7:
             pass
@@ -197,6 +199,19 @@ def check_websocket_ticketed_event_and_alerts_with_a_query_token(
         assert alert["data"]["alert"]["metricName"] == "tickets_sold_today"
         assert alert["data"]["alert"]["severity"] == "ALERT_SEVERITY_WARNING"
         assert "threshold rule sold-out" in alert["data"]["alert"]["message"]
+
+
+def _wait_for_gauge(system: RunningSystem, name: str, at_least: float) -> None:
+    deadline = time.monotonic() + 15
+    value = None
+    while time.monotonic() < deadline:
+        for line in httpx.get(system.metrics_url, timeout=10).text.splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                value = float(line.rsplit(" ", 1)[1])
+        if value is not None and value >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} stayed at {value}, expected >= {at_least}")
 
 
 def check_websocket_refusals(live_system: RunningSystem) -> None:

@@ -210,6 +210,10 @@ async def test_threshold_rules_fire_once_per_breach_and_re_arm() -> None:
     assert mine._mailbox.dropped == 0 and len([await anext(mine), await anext(mine)]) == 2
     assert (await anext(everyone)).severity is AlertSeverity.CRITICAL
     assert other._mailbox.closed is False and not other._mailbox._items
+    # The `bilten_alert_subscribers` gauge: open streams, less the closed ones.
+    assert alerts.subscriber_count == 3
+    other.close()
+    assert alerts.subscriber_count == 2
     with pytest.raises(ValueError, match="currency"):
         ThresholdRule("bad", "t1", LiveMetricName.REVENUE_TODAY, upper=1)
     with pytest.raises(ValueError, match="ticketed_event_id"):
