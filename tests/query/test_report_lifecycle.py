@@ -71,7 +71,7 @@ async def test_a_report_runs_in_a_started_mesh_and_stop_ends_the_scheduler(
                 metadata=md,
             )
             report_id = created.report.report_id
-            for _ in range(100):  # the scheduler runs a new report right away
+            for _ in range(600):  # the scheduler runs a new report right away (60 s)
                 got = await stub.GetReport(pb.GetReportRequest(report_id=report_id), metadata=md)
                 if got.report.HasField("latest_run"):
                     break

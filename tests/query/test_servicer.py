@@ -289,8 +289,8 @@ async def test_reports_lifecycle_scopes_and_tenancy(client: Client) -> None:
     ).report
     assert created.report_id and created.schedule == pb.REPORT_SCHEDULE_DAILY
     assert not created.HasField("latest_run")
-    # The scheduler runs a new report right away.
-    for _ in range(100):
+    # The scheduler runs a new report right away (polled up to 60 s: a loaded machine).
+    for _ in range(600):
         got = (
             await client.stub.GetReport(
                 pb.GetReportRequest(report_id=created.report_id), metadata=md

@@ -208,11 +208,11 @@ async def test_an_idle_log_and_large_groups_never_linger() -> None:
     await log.append(random_events(40, 1))
     started = time.perf_counter()
     await log.append(random_events(41, 1))  # the last group was a lone request
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 4.0  # a linger would take 5 s
     await asyncio.gather(log.append(random_events(42, 1)), log.append(random_events(43, 1)))
     started = time.perf_counter()
     await log.append(random_events(44, 10))  # enough waiting to commit at once
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 4.0  # a linger would take 5 s
     assert store.group_sizes == [1, 1, 2, 10]
     await log.close()
 
