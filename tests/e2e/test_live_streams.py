@@ -124,7 +124,9 @@ def check_sse_live_metrics_through_envoy(
         assert int(frame["activeSessionCount"]) >= 3
     record_property("sse_delay_max_s", round(max(delays), 4))
     print(f"\nSSE via Envoy, REST ack -> frame: {[round(d * 1000, 1) for d in delays]} ms")
-    assert max(delays) <= 1.0
+    # Speed is a benchmark (recorded above); this catches a frame that never comes or
+    # comes very late, not a loaded machine.
+    assert max(delays) <= 5.0
 
 
 def check_sse_refusals_are_http_statuses_before_the_stream(live_system: RunningSystem) -> None:
@@ -165,7 +167,7 @@ def check_websocket_live_metrics_through_envoy_with_a_subprotocol_token(
         delay = time.perf_counter() - acked
     record_property("websocket_delay_s", round(delay, 4))
     print(f"\nWebSocket via Envoy, REST ack -> frame: {delay * 1000:.1f} ms")
-    assert delay <= 1.0
+    assert delay <= 5.0  # generous: speed is recorded above, not asserted
     assert frame["data"]["droppedUpdateCount"] == "0"
 
 

@@ -52,15 +52,27 @@ def alert(tenant_id: str, observed: float, upper: float = math.inf) -> Alert:
 
 @pytest.fixture()
 async def processes(
-    redis_url: str,
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[AlertsHub, RedisAlertBus, AlertsHub, RedisAlertBus]]:
     """Two "processes": each its own hub and bus instance, on one test channel."""
+    # The product's 1 s (publish, connect; start() waits 5x that for the subscription)
+    # is a latency budget, not something a loaded CI machine reliably meets.
+    monkeypatch.setattr("services.live.alerts.REDIS_TIMEOUT_SECONDS", 10.0)
     channel = f"bilten-test:alerts:{uuid.uuid4().hex}"
     hub_a, hub_b = AlertsHub(), AlertsHub()
     bus_a = RedisAlertBus.from_url(redis_url, hub_a, channel=channel)
     bus_b = RedisAlertBus.from_url(redis_url, hub_b, channel=channel)
     await bus_a.start()
     await bus_b.start()
+    # start() gives up waiting silently: make sure both listeners subscribed, and that
+    # Redis registered it (SUBSCRIBE is sent without waiting for its reply), since
+    # pub/sub does not deliver to a subscriber that is not there yet.
+    assert bus_a._subscribed.is_set() and bus_b._subscribed.is_set()
+    from redis.asyncio import Redis
+
+    async with Redis.from_url(redis_url) as probe, asyncio.timeout(30):
+        while (await probe.pubsub_numsub(channel))[0][1] < 2:  # noqa: ASYNC110 (Redis' state)
+            await asyncio.sleep(0.05)
     yield hub_a, bus_a, hub_b, bus_b
     await bus_a.aclose()
     await bus_b.aclose()
