@@ -219,9 +219,17 @@ def test_destroy_waits_for_batches_decrypted_before_it(keys: BaseSubjectKeyStore
     thread = threading.Thread(target=erase)
     thread.start()
     assert not finished.wait(0.5), "destroy returned while an older batch was uncommitted"
+    # destroy() deletes the key (a database write) before it fences: `later` must be taken
+    # once the fence has advanced the lease generation, or it would be waited for too.
+    deadline = time.monotonic() + 30
+    while keys._leases._generation <= lease:
+        assert time.monotonic() < deadline, "destroy never reached its fence"
+        time.sleep(0.01)
+    assert not finished.is_set(), "destroy returned while an older batch was uncommitted"
     later = keys.acquire_lease()  # taken after the destruction: not waited for
+    assert later > lease
     keys.release_lease(lease)
-    assert finished.wait(5)
+    assert finished.wait(30)
     keys.release_lease(later)
     thread.join()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -148,7 +149,7 @@ def test_the_delete_waits_for_batches_prepared_before_it(
     """A batch that passed the filter before the host learnt of the erasure commits
     before the delete, so the delete removes it instead of being undone by it."""
     host = DuckDBEventStore(tmp_path / "host.duckdb")
-    applier = _applier(shared, host, "host-0", lease_wait_seconds=10)
+    applier = _applier(shared, host, "host-0", lease_wait_seconds=60)
     service = ErasureService(
         shared, DuckDBEventStore(tmp_path / "c.duckdb"), ConsentRegistry(shared), hosts=shared
     )
@@ -165,10 +166,15 @@ def test_the_delete_waits_for_batches_prepared_before_it(
     thread.start()
     assert not finished.wait(0.5), "the delete ran before the batch prepared earlier committed"
     # A batch prepared now is filtered: the subject's earlier event is not stored again.
-    assert applier.erased.drop_erased(events_to_table([_event(2, "kim")])).num_rows == 0
+    # The applier learns of the erasure from a database query in its thread first.
+    deadline = time.monotonic() + 30
+    while applier.erased.drop_erased(events_to_table([_event(2, "kim")])).num_rows != 0:
+        assert time.monotonic() < deadline, "the applier never took up the erasure"
+        time.sleep(0.01)
+    assert not finished.is_set(), "the delete ran before the batch prepared earlier committed"
     host.append_table(batch)
     applier.erased.release(lease)
-    assert finished.wait(10)
+    assert finished.wait(30)
     thread.join()
     assert host.read("SELECT count(*) FROM tracked_events").column(0)[0].as_py() == 0
     host.close()

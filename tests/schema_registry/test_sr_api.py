@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -637,6 +637,20 @@ async def test_permanent_delete_evicts_the_id_cache(client: httpx.AsyncClient) -
     error(await client.get("/schemas/ids/1"), 404, 40403)
 
 
+class _ControlledTime:
+    """The `time` module as schema_registry.app sees it, with `monotonic()` read from
+    `now[0]` (advanced by the test); every other attribute is the real module's."""
+
+    def __init__(self, now: list[float]) -> None:
+        self._now = now
+
+    def monotonic(self) -> float:
+        return self._now[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 async def test_another_process_stops_serving_a_permanently_deleted_id(
     app: Any, storage_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -645,7 +659,12 @@ async def test_another_process_stops_serving_a_permanently_deleted_id(
     import schema_registry.app as registry_app
     from tests.schema_registry.conftest import ADMIN_TOKEN, TOKENS
 
-    monkeypatch.setattr(registry_app, "_ID_CACHE_TTL_S", 0.3)
+    # A controlled clock instead of a short TTL and a sleep: the registry module reads
+    # `time.monotonic()` (the id and auth caches); only its own `time` is replaced, so the
+    # event loop and the storage keep the real clock. The entry keeps the real TTL.
+    clock = [time.monotonic()]
+    monkeypatch.setattr(registry_app, "time", _ControlledTime(clock))
+    ttl = registry_app._ID_CACHE_TTL_S
     other = create_app(
         RegistrySettings(storage=storage_url, storage_pool_size=2), StaticTokenAuthenticator(TOKENS)
     )
@@ -665,7 +684,9 @@ async def test_another_process_stops_serving_a_permanently_deleted_id(
             await first.delete("/subjects/s?permanent=true")
             error(await first.get(f"/schemas/ids/{schema_id}"), 404, 40403)
             assert (await second.get(f"/schemas/ids/{schema_id}")).status_code == 200  # memory
-            await asyncio.sleep(0.4)
+            clock[0] += ttl - 1  # still within the TTL counted from when it was stored
+            assert (await second.get(f"/schemas/ids/{schema_id}")).status_code == 200
+            clock[0] += 2  # past it
             error(await second.get(f"/schemas/ids/{schema_id}"), 404, 40403)
     finally:
         other.close()
