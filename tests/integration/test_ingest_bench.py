@@ -34,3 +34,20 @@ def test_bench_ingest_runs_one_phase_alone(
     result = json.loads(capsys.readouterr().out)
     assert result["single_rpc_per_second"] > 0
     assert "batch_events_per_second" not in result
+
+
+def test_bench_ingest_with_the_ghz_load_generator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Opt-in: needs ghz (`go install github.com/bojand/ghz/cmd/ghz@v0.93.0`)."""
+    try:
+        ingest_bench._find_ghz()
+    except SystemExit:
+        pytest.skip("ghz is not installed (opt-in load generator)")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert ingest_bench.main(["--seconds", "0.5", "--concurrency", "1", "--client", "ghz"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["client"] == "ghz"
+    assert result["batch_events_per_second"] > 0 and result["single_rpc_per_second"] > 0
+    assert 0 < result["single_p50_ms"] <= result["single_p99_ms"]
+    assert list(tmp_path.glob("bilten-bench-*")) == []
