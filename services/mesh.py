@@ -53,6 +53,7 @@ from services.platform.auth import (
     TokenIssuer,
     new_api_key,
 )
+from services.platform.key_revocations import RedisKeyRevocations
 from services.platform.schema_registry_auth import (
     PLATFORM_DEFINITIONS_TENANT,
     PlatformRegistryAuthenticator,
@@ -111,6 +112,9 @@ class Mesh:
     prediction: PredictionService | None = None  # set by start() where prediction is served
     # Prediction alerts across processes when settings.redis_url is set (services/live/alerts.py).
     alert_bus: RedisAlertBus | None = None
+    # API key revocations pushed to every process when settings.redis_url is set
+    # (services/platform/key_revocations.py); else other processes' caches expire.
+    key_revocations: RedisKeyRevocations | None = None
     _closers: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -204,6 +208,11 @@ class Mesh:
             alert_bus=alert_bus_for(
                 settings.redis_url, aggregation.alerts, settings.redis_password
             ),
+            key_revocations=RedisKeyRevocations.from_url(
+                settings.redis_url, authenticator.forget_api_key, password=settings.redis_password
+            )
+            if settings.redis_url
+            else None,
             _closers=[rate_limiter.aclose],  # the Redis connections, if any
         )
 
@@ -304,7 +313,7 @@ class Mesh:
             retention=RetentionPolicies(self.metadata),
             audit=self.audit,
             api_keys=ApiKeyManager(
-                self.metadata, self.secrets.api_key_pepper, self.authenticator.forget_api_key
+                self.metadata, self.secrets.api_key_pepper, self._forget_api_key
             ),
             allowlist=IpAllowlist(settings.sensitive_ip_allowlist, settings.trust_forwarded_for),
         )
@@ -366,6 +375,13 @@ class Mesh:
         self._closers.append(applier.aclose)
         return applier.erased
 
+    def _forget_api_key(self, key_id: str) -> None:
+        """A key was revoked or rotated here: this process's cache drops it at once, and
+        the others' too when Redis carries the announcement."""
+        self.authenticator.forget_api_key(key_id)
+        if self.key_revocations is not None:
+            self.key_revocations.announce(key_id)
+
     def _rollup_maintainer(self) -> RollupMaintainer | None:
         """The erasure hook's target: this process's rollups, if it runs the aggregation
         runtime (set when that starts, hence asked at each erasure)."""
@@ -385,6 +401,10 @@ class Mesh:
                 erased = await self._start_erasure_applier()
                 await self.streaming.start_processor(self.event_store, erased)
         await self._start_retention_job(services)
+        if self.key_revocations is not None:
+            # Every process authenticates callers, so every one listens.
+            await self.key_revocations.start()
+            self._closers.append(self.key_revocations.aclose)
         if self.alert_bus is not None:
             if "aggregation" in services:
                 await self.alert_bus.start()  # relays other processes' alerts to StreamAlerts

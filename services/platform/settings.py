@@ -253,10 +253,12 @@ class PlatformSettings(BaseSettings):
     )
     redis_url: str = Field(
         "",
-        description="Redis holding the ingestion rate limit, shared by every replica "
-        "(redis://host:6379/0; rediss:// for TLS). Empty: each process keeps its own "
-        "buckets, so N replicas admit N times the rate. When Redis fails, ingestion falls "
-        "back to its own buckets (services/ingestion/rate_limit.py).",
+        description="Redis shared by every pod (redis://host:6379/0; rediss:// for TLS): "
+        "the ingestion rate limit, the anomaly alert bus and API key revocations. Empty: "
+        "each process keeps its own buckets, so N replicas admit N times the rate, alerts "
+        "stay in their process, and another pod sees a revoked key only when its 30 s "
+        "key cache expires. When Redis fails, ingestion falls back to its own buckets "
+        "(services/ingestion/rate_limit.py).",
         repr=False,  # may carry a password
     )
     redis_password: str = Field(

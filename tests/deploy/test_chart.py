@@ -507,13 +507,16 @@ REDIS_SHAPES = {
 }
 
 
-REDIS_READERS = ("ingestion", "aggregation", "prediction")
+# Every gRPC component: besides the rate limit and the alert bus, compliance announces
+# API key revocations and every pod drops them from its key cache.
+REDIS_READERS = ("ingestion", "query", "aggregation", "compliance", "prediction")
 
 
 @pytest.mark.parametrize("name", sorted(REDIS_SHAPES))
 def test_ingestion_shares_its_rate_limit_through_redis(staged_chart: Path, name: str) -> None:
-    """Ingestion (rate limit), prediction and aggregation (the anomaly alert bus) read
-    Redis (BILTEN_REDIS_URL); the password comes from the Secret."""
+    """Ingestion (rate limit), prediction and aggregation (the anomaly alert bus) and every
+    pod (API key revocations) read Redis (BILTEN_REDIS_URL); the password comes from the
+    Secret."""
     sets, url = REDIS_SHAPES[name]
     objects = tools.helm_template(staged_chart, sets=sets)
     secret = next(o for o in objects if o["kind"] == "Secret")
