@@ -25,7 +25,6 @@ alerts stay in the process that raised them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import math
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from services.live.mailbox import Mailbox, Subscription
+from services.platform.redis_channel import ChannelListener, redis_failures
 
 # redis-py is imported only where the bus is used (every process imports this module).
 if TYPE_CHECKING:
@@ -177,7 +177,6 @@ class AlertsHub:
 CHANNEL = "bilten:alerts:v1"
 # Publishing is on the detection path: a slow Redis counts as a down one.
 REDIS_TIMEOUT_SECONDS = 1.0
-RETRY_LISTEN_AFTER_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,14 +268,11 @@ class RedisAlertBus:
     """
 
     def __init__(self, client: Redis, hub: AlertsHub | None, channel: str = CHANNEL) -> None:
-        from redis.exceptions import RedisError
-
         self._client = client
         self._hub = hub
         self._channel = channel
-        self._failures: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
-        self._listener: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._failures = redis_failures()
+        self._listener = ChannelListener(client, channel, self._relay, "alert_bus")
         self.received = 0
 
     @classmethod
@@ -295,6 +291,11 @@ class RedisAlertBus:
         )
         return cls(client, hub, channel)
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether the listener has subscribed (since start)."""
+        return self._listener.subscribed.is_set()
+
     async def publish(self, alert: AlertLike) -> None:
         payload = WireAlert.of(alert).to_json()
         try:
@@ -311,46 +312,21 @@ class RedisAlertBus:
 
     async def start(self) -> None:
         """Starts relaying the channel into the hub; returns once subscribed."""
-        if self._hub is None or self._listener is not None:
-            return
-        self._listener = asyncio.ensure_future(self._listen(self._hub))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS * 5):
-                await self._subscribed.wait()
+        if self._hub is not None:
+            await self._listener.start(REDIS_TIMEOUT_SECONDS * 5)
 
-    async def _listen(self, hub: AlertsHub) -> None:
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        alert = WireAlert.from_json(message["data"])
-                    except (ValueError, KeyError, TypeError) as exc:
-                        log.warning("alert_bus_bad_message", error=str(exc))
-                        continue
-                    self.received += 1
-                    await hub.publish(alert)
-            except self._failures as exc:
-                log.warning(
-                    "alert_bus_listen_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in_seconds=RETRY_LISTEN_AFTER_SECONDS,
-                )
-                await asyncio.sleep(RETRY_LISTEN_AFTER_SECONDS)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _relay(self, payload: bytes) -> None:
+        assert self._hub is not None  # only listening with a hub
+        try:
+            alert = WireAlert.from_json(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("alert_bus_bad_message", error=str(exc))
+            return
+        self.received += 1
+        await self._hub.publish(alert)
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-            self._listener = None
+        await self._listener.aclose()
         await self._client.aclose()
 
 

@@ -19,12 +19,12 @@ metadata store; it is logged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
+
+from services.platform.redis_channel import ChannelListener, redis_failures
 
 if TYPE_CHECKING:
     from redis import Redis as SyncRedis
@@ -35,7 +35,6 @@ log = structlog.get_logger(__name__)
 CHANNEL = "bilten:api-keys:revoked:v1"
 # Announcing runs in the revoking RPC's worker thread: a slow Redis counts as a down one.
 REDIS_TIMEOUT_SECONDS = 1.0
-RETRY_LISTEN_AFTER_SECONDS = 1.0
 MAX_KEY_ID_LENGTH = 128
 
 
@@ -49,15 +48,12 @@ class RedisKeyRevocations:
         forget: Callable[[str], None],
         channel: str = CHANNEL,
     ) -> None:
-        from redis.exceptions import RedisError
-
         self._publisher = publisher
         self._subscriber = subscriber
         self._forget = forget
         self._channel = channel
-        self._failures: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
-        self._listener: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._failures = redis_failures()
+        self._listener = ChannelListener(subscriber, channel, self._relay, "api_key_revocation")
         self.received = 0
         self.failed_announcements = 0
 
@@ -83,6 +79,10 @@ class RedisKeyRevocations:
         )
         return cls(publisher, subscriber, forget, channel)
 
+    @property
+    def channel(self) -> str:
+        return self._channel
+
     def announce(self, key_id: str) -> None:
         """Tells every listening process that `key_id` was revoked or rotated.
         Synchronous: called from the revoking RPC's worker thread. Never raises."""
@@ -100,44 +100,16 @@ class RedisKeyRevocations:
     async def start(self) -> None:
         """Starts listening; returns once subscribed (or after a bounded wait, when Redis
         is down: the listener keeps retrying and the cache expiry is the fallback)."""
-        if self._listener is not None:
-            return
-        self._listener = asyncio.ensure_future(self._listen())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS * 5):
-                await self._subscribed.wait()
+        await self._listener.start(REDIS_TIMEOUT_SECONDS * 5)
 
-    async def _listen(self) -> None:
-        while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    data = message.get("data")
-                    if not isinstance(data, bytes) or not 0 < len(data) <= MAX_KEY_ID_LENGTH:
-                        log.warning("api_key_revocation_bad_message", size=len(data or b""))
-                        continue
-                    self.received += 1
-                    self._forget(data.decode("utf-8", errors="replace"))
-            except self._failures as exc:
-                log.warning(
-                    "api_key_revocation_listen_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    retry_in_seconds=RETRY_LISTEN_AFTER_SECONDS,
-                )
-                await asyncio.sleep(RETRY_LISTEN_AFTER_SECONDS)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _relay(self, payload: bytes) -> None:
+        if not isinstance(payload, bytes) or not 0 < len(payload) <= MAX_KEY_ID_LENGTH:
+            log.warning("api_key_revocation_bad_message", size=len(payload or b""))
+            return
+        self.received += 1
+        self._forget(payload.decode("utf-8", errors="replace"))
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-            self._listener = None
+        await self._listener.aclose()
         await self._subscriber.aclose()
         self._publisher.close()

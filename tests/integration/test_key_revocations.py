@@ -130,8 +130,8 @@ async def test_hostile_or_oversized_messages_are_ignored(pods: Pods, redis_url: 
     issued = pods.manager.create("t1", "web", sorted(WRITE_KEY_SCOPES), WRITE_KEY_SCOPES)
     assert pods.b.authenticate(issued.secret).tenant_id == "t1"
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    client.publish(pods.bus_b._channel, b"x" * 10_000)  # ignored, logged
-    client.publish(pods.bus_b._channel, b"")
+    client.publish(pods.bus_b.channel, b"x" * 10_000)  # ignored, logged
+    client.publish(pods.bus_b.channel, b"")
     client.close()
     # The listener is still alive and serves the next real announcement.
     pods.manager.revoke("t1", issued.record.key_id)
@@ -198,7 +198,7 @@ async def test_the_mesh_announces_its_revocations_and_honours_others(
         assert not _refused(mesh.authenticator, second.secret)  # the cache still says yes
         other.announce(second.record.key_id)
         await _until(lambda: _refused(mesh.authenticator, second.secret))
-        assert other._channel == CHANNEL
+        assert other.channel == CHANNEL
     finally:
         await other.aclose()
         await mesh.stop()

@@ -67,7 +67,7 @@ async def processes(
     # start() gives up waiting silently: make sure both listeners subscribed, and that
     # Redis registered it (SUBSCRIBE is sent without waiting for its reply), since
     # pub/sub does not deliver to a subscriber that is not there yet.
-    assert bus_a._subscribed.is_set() and bus_b._subscribed.is_set()
+    assert bus_a.subscribed and bus_b.subscribed
     from redis.asyncio import Redis
 
     async with Redis.from_url(redis_url) as probe, asyncio.timeout(30):
