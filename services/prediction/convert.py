@@ -54,7 +54,7 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 
 def model(record: ModelRecord) -> pb.Model:
     metrics = dict(record.metrics)
-    # The v1 Model has no progress field: a version in training reports it here.
+    # Also in `metrics`, where clients read it before `training_progress` existed.
     if record.state is ModelState.TRAINING:
         metrics["training_progress"] = record.progress
     out = pb.Model(
@@ -64,6 +64,9 @@ def model(record: ModelRecord) -> pb.Model:
         metrics={k: float(v) for k, v in metrics.items() if v == v},  # drop NaN
         feature_names=list(record.feature_names),
         create_time=timestamp(record.created_at),
+        training_progress=record.progress,
+        training_stage=record.stage,
+        failure_message=record.failure,
     )
     if record.training_start:
         out.training_start_time.CopyFrom(timestamp(record.training_start))
@@ -92,14 +95,26 @@ def forecast_point(point: ForecastPoint) -> pb.ForecastPoint:
     )
 
 
+_SOURCE_PROTOS = {
+    "detector": pb.ANOMALY_SOURCE_DETECTOR,
+    "live": pb.ANOMALY_SOURCE_LIVE,
+    "threshold": pb.ANOMALY_SOURCE_THRESHOLD,
+}
+
+
 def anomaly(alert: Alert) -> pb.Anomaly:
     return pb.Anomaly(
+        anomaly_id=alert.alert_id,
         metric_name=alert.metric_name,
         time=timestamp(alert.time),
         observed_value=alert.observed,
         expected_lower=alert.expected_lower,
         expected_upper=alert.expected_upper,
         score=alert.score,
+        severity=_SEVERITY_PROTOS[alert.severity],
+        expected_value=alert.expected,
+        source=_SOURCE_PROTOS.get(alert.source, pb.ANOMALY_SOURCE_UNSPECIFIED),
+        rule_id=alert.rule_id,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,8 @@ from bilten.analytics.prediction.v1 import prediction_service_pb2_grpc as pb_grp
 
 from services.platform.auth import ORGANIZER_ADMIN_SCOPES, Authenticator, Scope, TokenIssuer
 from services.platform.server import Registration, start_grpc_server
+from services.prediction.alerts import Alert
+from services.prediction.anomaly import Severity
 from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
 from services.storage.event_store import DuckDBEventStore
@@ -83,6 +86,9 @@ async def test_train_poll_promote_predict_over_grpc(
         await asyncio.sleep(0.2)
     assert got.model.state == pb.MODEL_STATE_PROMOTED
     assert got.model.metrics["roc_auc"] > got.model.metrics["baseline_recency_roc_auc"]
+    # The lifecycle fields: progress reached 1, a stage is named, nothing failed.
+    assert got.model.training_progress == 1.0
+    assert got.model.training_stage and got.model.failure_message == ""
     listed = await stub.ListModels(pb.ListModelsRequest(kind=pb.MODEL_KIND_CHURN), metadata=md)
     assert [m.model_id for m in listed.models] == [model_id]
 
@@ -124,6 +130,43 @@ async def test_errors_at_the_edge(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     anomalies = await stub.ListAnomalies(pb.ListAnomaliesRequest(), metadata=auth(tokens))
     assert anomalies.next_page_token == ""
+
+
+async def test_stored_anomalies_are_listed_with_severity_source_and_rule(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, service = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    hour = datetime(2026, 11, 20, 14, tzinfo=UTC)
+    detector = Alert(
+        "a-detector", TENANT.tenant_id, "event_count", hour, 900.0, 120.0, 60.0, 180.0,
+        19.5, Severity.CRITICAL, "live",
+    )  # fmt: skip
+    rule = Alert(
+        "a-rule", TENANT.tenant_id, "tickets_sold", hour + timedelta(hours=1), 40.0, 12.0,
+        0.0, 30.0, 0.0, Severity.WARNING, "threshold", "sold-out",
+    )  # fmt: skip
+    other = Alert(
+        "a-other", "another-tenant", "event_count", hour, 1.0, 1.0, 0.0, 2.0, 0.0,
+        Severity.WARNING, "detector",
+    )  # fmt: skip
+    await asyncio.to_thread(service.alerts.add, [detector, rule, other])
+    listed = await stub.ListAnomalies(pb.ListAnomaliesRequest(), metadata=auth(tokens))
+    by_id = {a.anomaly_id: a for a in listed.anomalies}
+    assert "a-other" not in by_id  # another tenant's
+    live, breach = by_id["a-detector"], by_id["a-rule"]
+    assert (live.severity, live.source, live.rule_id) == (
+        pb.ALERT_SEVERITY_CRITICAL,
+        pb.ANOMALY_SOURCE_LIVE,
+        "",
+    )
+    assert (live.observed_value, live.expected_value, live.expected_upper) == (900, 120, 180)
+    assert (breach.severity, breach.source, breach.rule_id) == (
+        pb.ALERT_SEVERITY_WARNING,
+        pb.ANOMALY_SOURCE_THRESHOLD,
+        "sold-out",
+    )
+    assert breach.expected_value == 12 and breach.metric_name == "tickets_sold"
 
 
 async def test_threshold_rules_over_grpc(

@@ -76,6 +76,34 @@ FORECAST_TARGET_REVENUE: ForecastTarget.ValueType  # 2
 """Revenue."""
 Global___ForecastTarget: _TypeAlias = ForecastTarget  # noqa: Y015
 
+class _AnomalySource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnomalySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnomalySource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANOMALY_SOURCE_UNSPECIFIED: _AnomalySource.ValueType  # 0
+    """Not set."""
+    ANOMALY_SOURCE_DETECTOR: _AnomalySource.ValueType  # 1
+    """The seasonal detector, when the hour closed."""
+    ANOMALY_SOURCE_LIVE: _AnomalySource.ValueType  # 2
+    """The seasonal detector, live, before the hour closed (running totals)."""
+    ANOMALY_SOURCE_THRESHOLD: _AnomalySource.ValueType  # 3
+    """A user-defined threshold rule."""
+
+class AnomalySource(_AnomalySource, metaclass=_AnomalySourceEnumTypeWrapper):
+    """What raised an anomaly alert."""
+
+ANOMALY_SOURCE_UNSPECIFIED: AnomalySource.ValueType  # 0
+"""Not set."""
+ANOMALY_SOURCE_DETECTOR: AnomalySource.ValueType  # 1
+"""The seasonal detector, when the hour closed."""
+ANOMALY_SOURCE_LIVE: AnomalySource.ValueType  # 2
+"""The seasonal detector, live, before the hour closed (running totals)."""
+ANOMALY_SOURCE_THRESHOLD: AnomalySource.ValueType  # 3
+"""A user-defined threshold rule."""
+Global___AnomalySource: _TypeAlias = AnomalySource  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -352,6 +380,11 @@ class Anomaly(_message.Message):
     EXPECTED_LOWER_FIELD_NUMBER: _builtins.int
     EXPECTED_UPPER_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    ANOMALY_ID_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    EXPECTED_VALUE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
     metric_name: _builtins.str
     """Metric."""
     observed_value: _builtins.float
@@ -362,6 +395,18 @@ class Anomaly(_message.Message):
     """Expected upper bound."""
     score: _builtins.float
     """Anomaly score."""
+    anomaly_id: _builtins.str
+    """Id of the stored alert."""
+    severity: Global___AlertSeverity.ValueType
+    """Severity."""
+    expected_value: _builtins.float
+    """The expected value (the detector's point estimate; a rule's alerts carry the
+    detector's estimate too, 0 when there was none).
+    """
+    source: Global___AnomalySource.ValueType
+    """What raised it."""
+    rule_id: _builtins.str
+    """The threshold rule that raised it (`source` threshold); empty otherwise."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When."""
@@ -375,10 +420,15 @@ class Anomaly(_message.Message):
         expected_lower: _builtins.float = ...,
         expected_upper: _builtins.float = ...,
         score: _builtins.float = ...,
+        anomaly_id: _builtins.str = ...,
+        severity: Global___AlertSeverity.ValueType = ...,
+        expected_value: _builtins.float = ...,
+        source: Global___AnomalySource.ValueType = ...,
+        rule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_lower", b"expected_lower", "expected_upper", b"expected_upper", "metric_name", b"metric_name", "observed_value", b"observed_value", "score", b"score", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomaly_id", b"anomaly_id", "expected_lower", b"expected_lower", "expected_upper", b"expected_upper", "expected_value", b"expected_value", "metric_name", b"metric_name", "observed_value", b"observed_value", "rule_id", b"rule_id", "score", b"score", "severity", b"severity", "source", b"source", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -472,12 +522,23 @@ class Model(_message.Message):
     TRAINING_START_TIME_FIELD_NUMBER: _builtins.int
     TRAINING_END_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TRAINING_PROGRESS_FIELD_NUMBER: _builtins.int
+    TRAINING_STAGE_FIELD_NUMBER: _builtins.int
+    FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Id."""
     kind: Global___ModelKind.ValueType
     """Family."""
     state: Global___ModelState.ValueType
     """State."""
+    training_progress: _builtins.float
+    """Training progress, 0-1 (1 once trained)."""
+    training_stage: _builtins.str
+    """What training is doing now (e.g. `scoring threshold 3.5`), `done` once trained, or
+    why a trained version is not serving (the promotion policy's reason).
+    """
+    failure_message: _builtins.str
+    """Why training failed (state failed); empty otherwise."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Evaluation metrics, e.g. `roc_auc`, `baseline_roc_auc`, `mase`."""
@@ -509,10 +570,13 @@ class Model(_message.Message):
         training_start_time: _timestamp_pb2.Timestamp | None = ...,
         training_end_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        training_progress: _builtins.float = ...,
+        training_stage: _builtins.str = ...,
+        failure_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "training_end_time", b"training_end_time", "training_start_time", b"training_start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "feature_names", b"feature_names", "kind", b"kind", "metrics", b"metrics", "model_id", b"model_id", "state", b"state", "training_end_time", b"training_end_time", "training_start_time", b"training_start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "failure_message", b"failure_message", "feature_names", b"feature_names", "kind", b"kind", "metrics", b"metrics", "model_id", b"model_id", "state", b"state", "training_end_time", b"training_end_time", "training_progress", b"training_progress", "training_stage", b"training_stage", "training_start_time", b"training_start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
