@@ -12,8 +12,7 @@
   last run, computes each tenant's hourly metrics (`METRICS`) from the event store,
   feeds them to one `SeasonalDetector` per tenant and metric (warmed on the past four
   weeks the first time, without alerting on that history), checks the tenant's
-  threshold rules, then stores and publishes the alerts. `observe` takes a value from
-  any other live source (a stream processor) through the same path.
+  threshold rules, then stores and publishes the alerts.
 - `LiveAnomalyCheck`: the same detectors on live data. Fed the committed event batches
   (the mesh adds it next to the live dashboards' observers), it keeps running totals of
   the open hour and checks them against the hour's expected range every few seconds
@@ -105,6 +104,26 @@ class Alert:
     severity: Severity
     source: str  # "detector" or "threshold"
     rule_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyFilter:
+    """What `ListAnomalies` narrows to; the defaults select everything."""
+
+    metric_name: str = ""
+    start: datetime | None = None  # hours starting at or after
+    end: datetime | None = None  # hours starting before
+    min_severity: Severity | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies the filter inside a page token (a token continues one filter)."""
+        parts = [
+            self.metric_name,
+            _text(self.start) if self.start else "",
+            _text(self.end) if self.end else "",
+            self.min_severity.value if self.min_severity else "",
+        ]
+        return "" if not any(parts) else "|".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,16 +299,38 @@ class AlertStore:
                 ],
             )
 
-    def page(self, tenant_id: str, page_size: int, page_token: str) -> tuple[list[Alert], str]:
+    def page(
+        self,
+        tenant_id: str,
+        page_size: int,
+        page_token: str,
+        where: AnomalyFilter | None = None,
+    ) -> tuple[list[Alert], str]:
+        """Newest first, keyset-paged; a token only continues the filter it was made for."""
         size = min(page_size or 100, 1000)
-        where, params = "tenant_id = ?", [tenant_id]
+        where = where or AnomalyFilter()
+        clauses, params = ["tenant_id = ?"], [tenant_id]
+        if where.metric_name:
+            clauses.append("metric_name = ?")
+            params.append(where.metric_name)
+        if where.start is not None:
+            clauses.append("at >= ?")
+            params.append(_text(where.start))
+        if where.end is not None:
+            clauses.append("at < ?")
+            params.append(_text(where.end))
+        if where.min_severity is Severity.CRITICAL:
+            clauses.append("severity = ?")
+            params.append(Severity.CRITICAL.value)
+        fingerprint = where.fingerprint()
         if page_token:
-            at, alert_id = _decode(page_token, tenant_id)
-            where += " AND (at, alert_id) < (?, ?)"
+            at, alert_id = _decode(page_token, tenant_id, fingerprint)
+            clauses.append("(at, alert_id) < (?, ?)")
             params += [at, alert_id]
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT * FROM anomalies WHERE {where} ORDER BY at DESC, alert_id DESC LIMIT ?",
+                f"SELECT * FROM anomalies WHERE {' AND '.join(clauses)}"
+                " ORDER BY at DESC, alert_id DESC LIMIT ?",
                 [*params, size + 1],
             ).fetchall()
         alerts = [
@@ -311,7 +352,8 @@ class AlertStore:
         ]
         token = ""
         if len(rows) > size:
-            token = _encode(tenant_id, rows[size - 1]["at"], rows[size - 1]["alert_id"])
+            last = rows[size - 1]
+            token = _encode(tenant_id, last["at"], last["alert_id"], fingerprint)
         return alerts, token
 
     def put_rule(self, rule: ThresholdRule) -> None:
@@ -363,15 +405,16 @@ class AlertStore:
         ]
 
 
-def _encode(tenant_id: str, at: str, alert_id: str) -> str:
-    body = json.dumps({"v": 1, "t": tenant_id, "a": at, "i": alert_id})
+def _encode(tenant_id: str, at: str, alert_id: str, fingerprint: str) -> str:
+    body = json.dumps({"v": 1, "t": tenant_id, "a": at, "i": alert_id, "f": fingerprint})
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
-def _decode(token: str, tenant_id: str) -> tuple[str, str]:
+def _decode(token: str, tenant_id: str, fingerprint: str) -> tuple[str, str]:
     try:
         body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
-        if body["v"] != 1 or body["t"] != tenant_id:
+        # Another tenant's token, or one made for other filters (AIP-158): refused.
+        if body["v"] != 1 or body["t"] != tenant_id or body.get("f", "") != fingerprint:
             raise invalid_page_token()
         if not isinstance(body["a"], str) or not isinstance(body["i"], str):
             raise invalid_page_token()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from bilten.analytics.prediction.v1 import prediction_service_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from services.platform.auth import Principal
-from services.prediction.alerts import Alert, ThresholdRule
+from services.platform.errors import FieldViolation, invalid_request
+from services.prediction.alerts import METRICS, Alert, AnomalyFilter, ThresholdRule
 from services.prediction.anomaly import Severity
 from services.prediction.churn import ScoredUser
 from services.prediction.demand import ForecastPoint, Target
@@ -115,6 +116,31 @@ def anomaly(alert: Alert) -> pb.Anomaly:
         expected_value=alert.expected,
         source=_SOURCE_PROTOS.get(alert.source, pb.ANOMALY_SOURCE_UNSPECIFIED),
         rule_id=alert.rule_id,
+    )
+
+
+_SEVERITIES = {proto: severity for severity, proto in _SEVERITY_PROTOS.items()}
+
+
+def anomaly_filter(request: pb.ListAnomaliesRequest) -> AnomalyFilter:
+    """The request's filters; INVALID_ARGUMENT naming the field for an unknown metric or
+    an empty time range."""
+    problems: list[FieldViolation] = []
+    if request.metric_name and request.metric_name not in METRICS:
+        problems.append(
+            FieldViolation("metric_name", f"unknown metric; one of {', '.join(METRICS)}")
+        )
+    start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
+    end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
+    if start is not None and end is not None and start >= end:
+        problems.append(FieldViolation("end_time", "must be after start_time"))
+    if problems:
+        raise invalid_request(problems)
+    return AnomalyFilter(
+        metric_name=request.metric_name,
+        start=start,
+        end=end,
+        min_severity=_SEVERITIES.get(request.min_severity),
     )
 
 

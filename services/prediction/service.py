@@ -41,6 +41,7 @@ from services.prediction.alerts import (
     AlertBus,
     AlertSink,
     AlertStore,
+    AnomalyFilter,
     AnomalyMonitor,
     LiveAnomalyCheck,
     ThresholdRule,
@@ -620,9 +621,13 @@ class PredictionService:
         return anomaly.DetectorConfig.from_json(record.config)
 
     def list_anomalies(
-        self, tenant_id: str, page_size: int, page_token: str
+        self,
+        tenant_id: str,
+        page_size: int,
+        page_token: str,
+        where: AnomalyFilter | None = None,
     ) -> tuple[list[Alert], str]:
-        return self.alerts.page(tenant_id, page_size, page_token)
+        return self.alerts.page(tenant_id, page_size, page_token, where)
 
     # --- threshold rules ---------------------------------------------------------------
 

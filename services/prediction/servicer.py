@@ -72,8 +72,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     ) -> pb.ListAnomaliesResponse:
         self.start_background()
         tenant = convert.tenant(principal())
+        where = convert.anomaly_filter(request)
         alerts, token = await asyncio.to_thread(
-            self.service.list_anomalies, tenant, request.page_size, request.page_token
+            self.service.list_anomalies, tenant, request.page_size, request.page_token, where
         )
         return pb.ListAnomaliesResponse(
             anomalies=[convert.anomaly(a) for a in alerts], next_page_token=token

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from services.platform.auth import ORGANIZER_ADMIN_SCOPES, Authenticator, Scope,
 from services.platform.server import Registration, start_grpc_server
 from services.prediction.alerts import Alert
 from services.prediction.anomaly import Severity
+from services.prediction.convert import timestamp
 from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
 from services.storage.event_store import DuckDBEventStore
@@ -220,3 +222,92 @@ async def test_threshold_rules_over_grpc(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.DeleteThresholdRule(pb.DeleteThresholdRuleRequest(rule_id=rule_id), metadata=md)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_anomalies_filter_by_metric_time_and_severity_and_tokens_keep_the_filter(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, service = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    md = auth(tokens)
+    base = datetime(2026, 10, 1, tzinfo=UTC)
+    stored = [
+        Alert(
+            f"f-{i}",
+            TENANT.tenant_id,
+            ("event_count", "tickets_sold")[i % 2],
+            base + timedelta(hours=i),
+            10.0 + i,
+            1.0,
+            0.0,
+            2.0,
+            9.0,
+            Severity.CRITICAL if i % 3 == 0 else Severity.WARNING,
+            "detector",
+        )
+        for i in range(12)
+    ]
+    await asyncio.to_thread(service.alerts.add, stored)
+    window = {
+        "start_time": timestamp(base + timedelta(hours=2)),
+        "end_time": timestamp(base + timedelta(hours=10)),
+    }
+
+    async def ids(**fields: Any) -> list[str]:
+        got, token = [], ""
+        while True:
+            page = await stub.ListAnomalies(
+                pb.ListAnomaliesRequest(page_size=2, page_token=token, **fields), metadata=md
+            )
+            got += [a.anomaly_id for a in page.anomalies]
+            token = page.next_page_token
+            if not token:
+                return got
+
+    def expected(keep: Callable[[Alert], bool]) -> list[str]:
+        return [a.alert_id for a in sorted(stored, key=lambda a: a.time, reverse=True) if keep(a)]
+
+    in_window = lambda a: base + timedelta(hours=2) <= a.time < base + timedelta(hours=10)  # noqa: E731
+    assert await ids(metric_name="tickets_sold", **window) == expected(
+        lambda a: a.metric_name == "tickets_sold" and in_window(a)
+    )
+    assert await ids(min_severity=pb.ALERT_SEVERITY_CRITICAL, **window) == expected(
+        lambda a: a.severity is Severity.CRITICAL and in_window(a)
+    )
+    everything = await ids()
+    assert [i for i in everything if i.startswith("f-")] == expected(lambda a: True)
+
+    # A token continues only the filter it was made for (AIP-158).
+    first = await stub.ListAnomalies(
+        pb.ListAnomaliesRequest(page_size=2, metric_name="event_count"), metadata=md
+    )
+    assert first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListAnomalies(
+            pb.ListAnomaliesRequest(page_size=2, page_token=first.next_page_token), metadata=md
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Bad filters name their field.
+    for request, field in (
+        (pb.ListAnomaliesRequest(metric_name="revenue"), "metric_name"),
+        (pb.ListAnomaliesRequest(start_time=window["end_time"], end_time=window["start_time"]), "end_time"),
+        (pb.ListAnomaliesRequest(min_severity=7), "min_severity"),
+    ):  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListAnomalies(request, metadata=md)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in _violated_fields(caught.value), (field, caught.value.details())
+
+
+def _violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    assert status is not None
+    fields = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
