@@ -8,7 +8,7 @@ from bilten.analytics.prediction.v1 import prediction_service_pb2 as pb
 from google.protobuf import timestamp_pb2
 
 from services.platform.auth import Principal
-from services.platform.errors import FieldViolation, invalid_request
+from services.platform.errors import FieldViolation, invalid_request, tenant_mismatch
 from services.prediction.alerts import METRICS, Alert, AnomalyFilter, ThresholdRule
 from services.prediction.anomaly import Severity
 from services.prediction.churn import ScoredUser
@@ -45,6 +45,15 @@ def tenant(caller: Principal) -> str:
     if caller.tenant_id:
         return caller.tenant_id
     return PLATFORM
+
+
+def requested_tenant(caller: Principal, requested: str) -> str:
+    """The tenant comes from the credential; only a platform admin may name another."""
+    if caller.is_platform_admin:
+        return requested or tenant(caller)
+    if requested and requested != caller.tenant_id:
+        raise tenant_mismatch()
+    return tenant(caller)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:

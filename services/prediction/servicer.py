@@ -54,7 +54,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
 
     async def Forecast(self, request: pb.ForecastRequest, context: Any) -> pb.ForecastResponse:
         self.start_background()
-        tenant = convert.tenant(principal())
+        tenant = convert.requested_tenant(principal(), request.tenant_id)
         result = await asyncio.to_thread(
             self.service.forecast,
             tenant,
@@ -64,7 +64,9 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             request.interval_level,
         )
         return pb.ForecastResponse(
-            points=[convert.forecast_point(p) for p in result.points], model_id=result.model_id
+            points=[convert.forecast_point(p) for p in result.points],
+            model_id=result.model_id,
+            currency_code=result.currency,
         )
 
     async def ListAnomalies(

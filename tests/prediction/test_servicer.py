@@ -20,6 +20,7 @@ from services.platform.server import Registration, start_grpc_server
 from services.prediction.alerts import Alert
 from services.prediction.anomaly import Severity
 from services.prediction.convert import timestamp
+from services.prediction.registry import ModelKind, ModelState
 from services.prediction.service import PredictionService
 from services.prediction.servicer import PredictionServicer
 from services.storage.event_store import DuckDBEventStore
@@ -311,3 +312,31 @@ def _violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
         if detail.Unpack(bad):
             fields += [v.field for v in bad.field_violations]
     return fields
+
+
+async def test_revenue_forecast_names_its_currency_and_only_admins_pick_a_tenant(
+    channel: tuple[grpc.aio.Channel, TokenIssuer, PredictionService],
+) -> None:
+    chan, tokens, service = channel
+    stub = pb_grpc.PredictionServiceStub(chan)
+    record = await service.train(TENANT.tenant_id, ModelKind.REVENUE_FORECAST)
+    assert record.state is ModelState.PROMOTED, record.failure
+    request = pb.ForecastRequest(target=pb.FORECAST_TARGET_REVENUE, horizon_days=7)
+    mine = await stub.Forecast(request, metadata=auth(tokens))
+    assert mine.currency_code == "EUR" and mine.model_id == record.model_id
+    assert len(mine.points) == 7
+    # A platform admin (no tenant of its own) names the organizer and gets its forecast.
+    admin = [("authorization", f"Bearer {tokens.issue('ops', '', frozenset({Scope.ADMIN}))}")]
+    chosen = pb.ForecastRequest(
+        target=pb.FORECAST_TARGET_REVENUE, horizon_days=7, tenant_id=TENANT.tenant_id
+    )
+    theirs = await stub.Forecast(chosen, metadata=admin)
+    assert (theirs.model_id, theirs.currency_code) == (record.model_id, "EUR")
+    assert [p.value for p in theirs.points] == [p.value for p in mine.points]
+    # An organizer naming another tenant is refused, not silently scoped.
+    other = pb.ForecastRequest(
+        target=pb.FORECAST_TARGET_REVENUE, horizon_days=7, tenant_id="someone-else"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Forecast(other, metadata=auth(tokens))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -280,6 +280,7 @@ class ForecastRequest(_message.Message):
     TICKETED_EVENT_ID_FIELD_NUMBER: _builtins.int
     HORIZON_DAYS_FIELD_NUMBER: _builtins.int
     INTERVAL_LEVEL_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
     target: Global___ForecastTarget.ValueType
     """Target."""
     ticketed_event_id: _builtins.str
@@ -288,6 +289,11 @@ class ForecastRequest(_message.Message):
     """Days ahead, 1-365."""
     interval_level: _builtins.float
     """Interval coverage, e.g. 0.9; 0 means 0.9."""
+    tenant_id: _builtins.str
+    """Platform admins only: the tenant to forecast; empty: the caller's tenant, or the
+    whole platform for an admin without one. Another caller naming another tenant gets
+    PERMISSION_DENIED.
+    """
     def __init__(
         self,
         *,
@@ -295,10 +301,11 @@ class ForecastRequest(_message.Message):
         ticketed_event_id: _builtins.str = ...,
         horizon_days: _builtins.int = ...,
         interval_level: _builtins.float = ...,
+        tenant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["horizon_days", b"horizon_days", "interval_level", b"interval_level", "target", b"target", "ticketed_event_id", b"ticketed_event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["horizon_days", b"horizon_days", "interval_level", b"interval_level", "target", b"target", "tenant_id", b"tenant_id", "ticketed_event_id", b"ticketed_event_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,8 +355,13 @@ class ForecastResponse(_message.Message):
 
     POINTS_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model version used."""
+    currency_code: _builtins.str
+    """Revenue forecasts: the ISO 4217 currency of the values (the scope's main currency;
+    revenue is never added across currencies). Empty for tickets.
+    """
     @_builtins.property
     def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForecastPoint]:
         """Points, one per day."""
@@ -359,10 +371,11 @@ class ForecastResponse(_message.Message):
         *,
         points: _abc.Iterable[Global___ForecastPoint] | None = ...,
         model_id: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "points", b"points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency_code", b"currency_code", "model_id", b"model_id", "points", b"points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
