@@ -1,25 +1,31 @@
 """Errors of the prediction service, in the platform's one error model.
 
-The v1 `ErrorReason` enum has no reason for "not enough history" or "no serving model",
-so these map onto the closest existing ones: INVALID_REQUEST (INVALID_ARGUMENT) with a
-field violation naming the input that cannot be served, and NOT_FOUND. The messages say
-exactly what is missing and how to get it.
+Not enough history is INVALID_ARGUMENT with reason INSUFFICIENT_HISTORY and a field
+violation naming the input that cannot be served (the kind, the horizon); no serving
+model is FAILED_PRECONDITION with reason MODEL_NOT_READY (AIP-193: the request is fine,
+the system is not in the state it needs). The messages say exactly what is missing and
+how to get it.
 """
 
 from __future__ import annotations
 
-from services.platform.errors import AnalyticsError, FieldViolation, StatusCode, invalid_request
+from services.platform.errors import AnalyticsError, FieldViolation, StatusCode
 
 
 def insufficient_data(message: str, field: str = "kind") -> AnalyticsError:
     """The tenant's history cannot support the model or forecast asked for."""
-    return invalid_request([FieldViolation(field, message)], message)
+    return AnalyticsError(
+        StatusCode.INVALID_ARGUMENT,
+        "INSUFFICIENT_HISTORY",
+        message,
+        field_violations=[FieldViolation(field, message)],
+    )
 
 
 def no_serving_model(kind: str) -> AnalyticsError:
     return AnalyticsError(
-        StatusCode.NOT_FOUND,
-        "NOT_FOUND",
+        StatusCode.FAILED_PRECONDITION,
+        "MODEL_NOT_READY",
         f"no promoted {kind} model in this tenant: train one with TrainModel, then "
         "PromoteModel (the first version that beats its baseline is promoted automatically)",
         metadata={"model_kind": kind},

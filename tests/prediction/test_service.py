@@ -141,12 +141,21 @@ def test_forecast_errors_are_clear(service: PredictionService, demand_model: str
     with pytest.raises(AnalyticsError) as caught:
         service.forecast(TENANT.tenant_id, Target.TICKETS, "", 365, 0.9)
     assert caught.value.field_violations[0].field == "horizon_days"
+    assert (caught.value.code, caught.value.reason) == (
+        StatusCode.INVALID_ARGUMENT,
+        "INSUFFICIENT_HISTORY",
+    )
     with pytest.raises(AnalyticsError) as caught:
         service.forecast(TENANT.tenant_id, Target.TICKETS, "no-such-concert", 7, 0.9)
     assert "no sales" in caught.value.message
     with pytest.raises(AnalyticsError) as caught:
         service.forecast(TENANT.tenant_id, Target.REVENUE, "", 7, 0.9)
-    assert caught.value.code is StatusCode.NOT_FOUND  # no revenue model trained yet
+    # No revenue model trained yet: the request is fine, the system is not ready for it.
+    assert (caught.value.code, caught.value.reason) == (
+        StatusCode.FAILED_PRECONDITION,
+        "MODEL_NOT_READY",
+    )
+    assert caught.value.metadata == {"model_kind": "revenue forecast"}
 
 
 def test_empty_history_cannot_train(service: PredictionService) -> None:
@@ -154,6 +163,7 @@ def test_empty_history_cannot_train(service: PredictionService) -> None:
         with pytest.raises(AnalyticsError) as caught:
             service.precheck("empty-tenant", kind)
         assert caught.value.code is StatusCode.INVALID_ARGUMENT
+        assert caught.value.reason == "INSUFFICIENT_HISTORY"
 
 
 def test_promote_and_roll_back(service: PredictionService, churn_model: str) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+bilten/analytics/type/v1/error_reason.proto\x12\x18\x62ilten.analytics.type.v1*\xda\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_MISSING\x10\x01\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_INVALID\x10\x02\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_EXPIRED\x10\x03\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_REVOKED\x10\x04\x12\x1e\n\x1a\x45RROR_REASON_SCOPE_MISSING\x10\x05\x12 \n\x1c\x45RROR_REASON_TENANT_MISMATCH\x10\x06\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x07\x12\"\n\x1e\x45RROR_REASON_REQUEST_TOO_LARGE\x10\x08\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\t\x12&\n\"ERROR_REASON_EVENT_LOG_UNAVAILABLE\x10\n\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x0b\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\x0c\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\r\x12\x1e\n\x1a\x45RROR_REASON_QUERY_TIMEOUT\x10\x0e\x12\x1e\n\x1a\x45RROR_REASON_QUERY_REFUSED\x10\x0f\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\x10\x42\x44ZBgithub.com/bilten/analytics/gen/go/bilten/analytics/type/v1;typev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+bilten/analytics/type/v1/error_reason.proto\x12\x18\x62ilten.analytics.type.v1*\xa3\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_MISSING\x10\x01\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_INVALID\x10\x02\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_EXPIRED\x10\x03\x12#\n\x1f\x45RROR_REASON_CREDENTIAL_REVOKED\x10\x04\x12\x1e\n\x1a\x45RROR_REASON_SCOPE_MISSING\x10\x05\x12 \n\x1c\x45RROR_REASON_TENANT_MISMATCH\x10\x06\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x07\x12\"\n\x1e\x45RROR_REASON_REQUEST_TOO_LARGE\x10\x08\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\t\x12&\n\"ERROR_REASON_EVENT_LOG_UNAVAILABLE\x10\n\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x0b\x12 \n\x1c\x45RROR_REASON_NOT_IMPLEMENTED\x10\x0c\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\r\x12\x1e\n\x1a\x45RROR_REASON_QUERY_TIMEOUT\x10\x0e\x12\x1e\n\x1a\x45RROR_REASON_QUERY_REFUSED\x10\x0f\x12\'\n#ERROR_REASON_DEPENDENCY_UNAVAILABLE\x10\x10\x12%\n!ERROR_REASON_INSUFFICIENT_HISTORY\x10\x11\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_READY\x10\x12\x42\x44ZBgithub.com/bilten/analytics/gen/go/bilten/analytics/type/v1;typev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/bilten/analytics/gen/go/bilten/analytics/type/v1;typev1'
   _globals['_ERRORREASON']._serialized_start=74
-  _globals['_ERRORREASON']._serialized_end=676
+  _globals['_ERRORREASON']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

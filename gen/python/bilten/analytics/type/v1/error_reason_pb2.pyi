@@ -68,6 +68,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A service this call depends on (the schema registry, a broker) is unreachable;
     retry after `RetryInfo` (UNAVAILABLE).
     """
+    ERROR_REASON_INSUFFICIENT_HISTORY: _ErrorReason.ValueType  # 17
+    """The tenant's data cannot support what was asked: too little history to train a
+    model, or for a forecast of that horizon; the message says how much is needed and
+    a field violation names the input (INVALID_ARGUMENT).
+    """
+    ERROR_REASON_MODEL_NOT_READY: _ErrorReason.ValueType  # 18
+    """No model version serves this yet: train one with `TrainModel` (and promote it) first
+    (FAILED_PRECONDITION).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons carried in `google.rpc.ErrorInfo.reason` (with domain
@@ -119,5 +128,14 @@ ERROR_REASON_QUERY_REFUSED: ErrorReason.ValueType  # 15
 ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 16
 """A service this call depends on (the schema registry, a broker) is unreachable;
 retry after `RetryInfo` (UNAVAILABLE).
+"""
+ERROR_REASON_INSUFFICIENT_HISTORY: ErrorReason.ValueType  # 17
+"""The tenant's data cannot support what was asked: too little history to train a
+model, or for a forecast of that horizon; the message says how much is needed and
+a field violation names the input (INVALID_ARGUMENT).
+"""
+ERROR_REASON_MODEL_NOT_READY: ErrorReason.ValueType  # 18
+"""No model version serves this yet: train one with `TrainModel` (and promote it) first
+(FAILED_PRECONDITION).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
